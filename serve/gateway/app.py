@@ -1,0 +1,59 @@
+"""`build_app`: the gateway's composition of middleware, error handlers and routes."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
+from serve.gateway.context import GatewayContext
+from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
+from serve.gateway.models_routes import models_router
+from serve.gateway.request_id import RequestIdMiddleware
+from serve.gateway.workers_ai_routes import workers_ai_router
+
+
+def build_app(ctx: GatewayContext) -> FastAPI:
+    app = FastAPI(
+        title="batchserve",
+        summary="Workers AI text-generation API (and OpenAI chat) on vLLM",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.add_middleware(RequestIdMiddleware, behind_serve=ctx.behind_serve)
+
+    async def on_batchserve_error(request: Request, exc: Exception) -> Response:
+        return error_response(as_batchserve_error(exc), dialect_of(request.url.path))
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        err: BatchserveError
+        if exc.status_code == 405:
+            err = MethodNotAllowed(request.method)
+        elif exc.status_code == 404:
+            err = RouteNotFound(request.url.path)
+        else:
+            err = BatchserveError(str(exc.detail))
+            err.status = exc.status_code
+        return error_response(err, dialect_of(request.url.path))
+
+    app.add_exception_handler(BatchserveError, on_batchserve_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_batchserve_error)
+
+    app.include_router(workers_ai_router(ctx))
+    app.include_router(models_router(ctx))
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, object]:
+        return {
+            "status": "ok",
+            "model": ctx.model_name,
+            "weights": ctx.engine.info.weights,
+            "replica": ctx.replica_id,
+            "engine_unfinished_requests": ctx.engine.num_unfinished_requests(),
+            "requests_started": ctx.completions.started_total,
+        }
+
+    return app

@@ -1,0 +1,82 @@
+"""The one place where errors become HTTP responses, in the caller's dialect."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from enum import Enum
+from typing import Any
+
+from starlette.responses import Response
+
+from serve.errors import BatchserveError, EngineFailure
+
+log = logging.getLogger(__name__)
+
+
+class Dialect(Enum):
+    WORKERS_AI = "workers_ai"
+    OPENAI = "openai"
+
+
+def dialect_of(path: str) -> Dialect:
+    """OpenAI routes live under /v1/ and /client/v4/accounts/{id}/ai/v1/."""
+    if path.startswith("/v1/") or path == "/v1" or "/ai/v1/" in path:
+        return Dialect.OPENAI
+    return Dialect.WORKERS_AI
+
+
+def as_batchserve_error(exc: BaseException) -> BatchserveError:
+    """Ours as they are; anything else is logged and becomes a bare 500 (no details leak)."""
+    if isinstance(exc, BatchserveError):
+        return exc
+    log.error("unhandled error", exc_info=exc)
+    return EngineFailure()
+
+
+def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
+    if dialect is Dialect.OPENAI:
+        return {
+            "error": {
+                "message": err.message,
+                "type": err.openai_type,
+                "param": err.param,
+                "code": err.openai_code or str(err.code),
+            }
+        }
+    return {
+        "result": None if err.gateway_layer else {},
+        "success": False,
+        "errors": [{"code": err.code, "message": err.message}],
+        "messages": [],
+    }
+
+
+def error_status(err: BatchserveError, dialect: Dialect) -> int:
+    # OpenAI clients expect a 401 for missing keys and a 404 for unknown models.
+    if dialect is Dialect.OPENAI:
+        if err.code == 9106:
+            return 401
+        if err.openai_code == "model_not_found":
+            return 404
+    return err.status
+
+
+def error_headers(err: BatchserveError) -> dict[str, str]:
+    if err.retry_after_s is None:
+        return {}
+    return {
+        "Retry-After": str(max(1, math.ceil(err.retry_after_s))),
+        "retry-after-ms": str(max(1, int(err.retry_after_s * 1000))),
+    }
+
+
+def error_response(err: BatchserveError, dialect: Dialect) -> Response:
+    body = json.dumps(error_body(err, dialect), ensure_ascii=False, separators=(",", ":"))
+    return Response(
+        content=body,
+        status_code=error_status(err, dialect),
+        media_type="application/json",
+        headers=error_headers(err),
+    )

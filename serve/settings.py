@@ -1,0 +1,165 @@
+"""Typed configuration: the only module that reads the environment.
+
+Everything is a pydantic model so the driver can read the environment once
+(`Settings()`), hand `settings.model_dump()` to Ray, and every replica rebuilds
+exactly the same object from it (`Settings.model_validate(...)`) without
+looking at its own environment.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+QWEN_API_NAME = "@cf/qwen/qwen1.5-1.8b-chat"
+EMBEDDED_WEIGHTS_LABEL = "SmolLM2-135M-Instruct (embedded CPU stand-in, not Qwen1.5)"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "batchserve"
+
+
+class EngineArgs(BaseModel):
+    """The subset of vLLM engine arguments an operator tunes per model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dtype: str = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    max_num_seqs: int = Field(default=256, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+class ModelSpec(BaseModel):
+    """One catalog entry: the API model name and what serves it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="API model name, e.g. @cf/qwen/qwen1.5-1.8b-chat")
+    weights: str = Field(description="Hugging Face id or local checkpoint directory")
+    weights_label: str = Field(default="", description="Human description of the weights")
+    context_window: int = Field(ge=16, description="prompt + max_tokens limit in tokens")
+    engine: EngineArgs = Field(default_factory=EngineArgs)
+    replicas: int = Field(default=1, ge=1)
+    # Resources one replica asks Ray for (GPUs in production, CPUs locally).
+    num_gpus: float = Field(default=1.0, ge=0.0)
+    num_cpus: float = Field(default=1.0, ge=0.0)
+
+    @property
+    def described_weights(self) -> str:
+        return self.weights_label or self.weights
+
+
+def gpu_catalog() -> list[ModelSpec]:
+    return [
+        ModelSpec(
+            name=QWEN_API_NAME,
+            weights="Qwen/Qwen1.5-1.8B-Chat",
+            weights_label="Qwen/Qwen1.5-1.8B-Chat",
+            context_window=32000,
+            engine=EngineArgs(dtype="auto", max_model_len=32768),
+        )
+    ]
+
+
+def cpu_catalog(weights: str, *, embedded: bool = True) -> list[ModelSpec]:
+    """The local profile: the same API name served on the CPU.
+
+    With the embedded SmolLM2 weights (8192-token context) by default; other
+    weights keep their own context length (vLLM derives it from their config).
+    """
+    return [
+        ModelSpec(
+            name=QWEN_API_NAME,
+            weights=weights,
+            weights_label=EMBEDDED_WEIGHTS_LABEL if embedded else "",
+            context_window=8192 if embedded else 32000,
+            engine=EngineArgs(
+                dtype="float32",
+                max_model_len=8192 if embedded else None,
+                max_num_seqs=64,
+                enforce_eager=True,
+            ),
+            num_gpus=0.0,
+            num_cpus=0.0,
+        )
+    ]
+
+
+class DevTenant(BaseModel):
+    """The tenant `batchserve up` creates when no tenants file is given.
+
+    Only the SHA-256 of the token travels to the replicas.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    tenant_id: str = "dev"
+    account_id: str = "dev-account"
+    token_sha256: str
+
+
+class Settings(BaseSettings):
+    """batchserve configuration (environment prefix ``BATCHSERVE_``).
+
+    Nested values use ``__`` (``BATCHSERVE_MODELS='[...]'`` takes JSON).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHSERVE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    profile: Literal["gpu", "cpu"] = "gpu"
+    models: list[ModelSpec] = Field(default_factory=gpu_catalog)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    cache_dir: Path = Field(default_factory=default_cache_dir)
+
+    # Workers AI defaults and caps.
+    default_max_tokens: int = Field(default=256, ge=1)
+    default_temperature: float = Field(default=0.6, ge=0.0, le=5.0)
+    non_stream_max_tokens: int = Field(default=1024, ge=1)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+
+    # Engine admission: requests beyond this many in flight per replica get 429/3040.
+    max_inflight_per_replica: int = Field(default=256, ge=1)
+    retry_after_seconds: int = Field(default=1, ge=1)
+    # KV cache for vLLM's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = Field(default=2, ge=1)
+    # Ray Serve health check cadence for replicas.
+    health_check_period_s: float = Field(default=10.0, gt=0)
+    health_check_timeout_s: float = Field(default=30.0, gt=0)
+    graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+
+    tenants_file: Path | None = None
+    dev_tenant: DevTenant | None = None
+    # `batchserve up` only: a fixed dev token instead of the generated one. Never
+    # sent to replicas (only its hash is, inside `dev_tenant`).
+    dev_token: SecretStr | None = Field(default=None, exclude=True)
+
+    @model_validator(mode="after")
+    def _models_unique(self) -> Settings:
+        names = [m.name for m in self.models]
+        if len(names) != len(set(names)):
+            raise ValueError("model names in the catalog must be unique")
+        if not names:
+            raise ValueError("the model catalog is empty")
+        return self
+
+    @property
+    def served_model(self) -> ModelSpec:
+        """The catalog entry this application serves (the first one)."""
+        return self.models[0]
+
+    def model(self, name: str) -> ModelSpec | None:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        return None

@@ -1,0 +1,14 @@
+"""Server-sent-events framing shared by both dialects (pure functions)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+DONE = b"data: [DONE]\n\n"
+HEARTBEAT = b": keep-alive\n\n"
+
+
+def event(payload: dict[str, Any]) -> bytes:
+    """One `data:` event: compact JSON on a single line, then a blank line."""
+    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"

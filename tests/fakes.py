@@ -1,0 +1,67 @@
+"""A scripted engine for fast gateway tests (the cluster tier runs real vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field
+
+from serve.errors import EngineFailure
+from serve.replica.engine import ChatMessage, EngineInfo, GenerateRequest, TokenDelta
+
+
+@dataclass
+class FakeEngine:
+    """Tokens are characters; the reply echoes a fixed text word by word."""
+
+    reply: str = "Hello from the fake engine."
+    context_window: int = 4096
+    delay_s: float = 0.0
+    fail_after: int | None = None
+    requests: list[GenerateRequest] = field(default_factory=list)
+    aborted: list[str] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    running: set[str] = field(default_factory=set)
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo(weights="fake", context_window=self.context_window)
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
+        return [ord(c) for c in text]
+
+    def encode_raw(self, prompt: str) -> list[int]:
+        return [ord(c) for c in prompt]
+
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        self.requests.append(request)
+        self.running.add(request.request_id)
+        words = [w + " " for w in self.reply.split(" ")]
+        words[-1] = words[-1].rstrip()
+        budget = request.sampling.max_tokens
+        done = False
+        try:
+            for i, word in enumerate(words[:budget]):
+                if self.fail_after is not None and i >= self.fail_after:
+                    raise EngineFailure()
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+                last = i == min(len(words), budget) - 1
+                reason = None
+                if last:
+                    reason = "length" if budget < len(words) else "stop"
+                yield TokenDelta(text=word, new_tokens=1, finish_reason=reason)
+            done = True
+        finally:
+            self.running.discard(request.request_id)
+            (self.finished if done else self.aborted).append(request.request_id)
+
+    def num_unfinished_requests(self) -> int:
+        return len(self.running)
+
+    async def check_health(self) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from serve.cluster import build_gateway
+from serve.gateway.tenants import hash_token
+from serve.settings import DevTenant, Settings, cpu_catalog
+from tests.fakes import FakeEngine
+
+TOKEN = "test-token-123"
+ACCOUNT = "acct-1"
+MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
+RUN_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings.model_validate(
+        {
+            "models": [m.model_dump() for m in cpu_catalog("/nonexistent")],
+            "dev_tenant": DevTenant(
+                tenant_id="t1", account_id=ACCOUNT, token_sha256=hash_token(TOKEN)
+            ).model_dump(),
+            "non_stream_max_tokens": 8,
+            "max_inflight_per_replica": 4,
+        }
+    )
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(reply="one two three four five six seven eight nine ten eleven twelve")
+
+
+@pytest.fixture
+async def client(settings: Settings, engine: FakeEngine) -> AsyncIterator[httpx.AsyncClient]:
+    app = build_gateway(settings, engine)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c

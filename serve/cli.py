@@ -83,7 +83,10 @@ def up_settings(ns: argparse.Namespace, base: Settings) -> tuple[Settings, str |
         else:
             models = cpu_catalog(ns.model, embedded=False)
     elif ns.model is not None:
-        models = [models[0].model_copy(update={"weights": ns.model, "weights_label": ""}), *models[1:]]
+        models = [
+            models[0].model_copy(update={"weights": ns.model, "weights_label": ""}),
+            *models[1:],
+        ]
     if ns.replicas is not None:
         models = [models[0].model_copy(update={"replicas": ns.replicas}), *models[1:]]
     updates.update(profile=profile, models=models)
@@ -167,7 +170,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     spec = settings.served_model
-    print(f"starting {spec.name} with weights {spec.described_weights} ({settings.profile})", flush=True)
+    print(
+        f"starting {spec.name} with weights {spec.described_weights} ({settings.profile})",
+        flush=True,
+    )
     cluster = LocalCluster(settings)
     try:
         cluster.start()
@@ -216,7 +222,9 @@ def cmd_doctor(_ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     ns = _parser().parse_args(argv)
     commands = {"up": cmd_up, "prepare-model": cmd_prepare_model, "doctor": cmd_doctor}
     return commands[ns.command](ns)

@@ -6,6 +6,7 @@ chart's serveConfigV2 all go through `build_application`.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI
@@ -86,7 +87,7 @@ class LocalCluster:
         import ray
         from ray import serve as rayserve
 
-        ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=True)
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
         rayserve.start(http_options={"host": self.settings.host, "port": self.settings.port})
         rayserve.run(
             build_application(self.settings),
@@ -105,7 +106,7 @@ class LocalCluster:
         self._descendants = me.children(recursive=True)
         try:
             if ray.is_initialized():
-                rayserve.shutdown()
+                rayserve.shutdown()  # type: ignore[no-untyped-call]
         finally:
             ray.shutdown()
             survivors = [p for p in self._descendants if p.is_running()]

@@ -51,7 +51,7 @@ class GatewayReplica:
 def gateway_deployment(settings: Settings) -> Any:
     """The deployment with the options the settings ask for."""
     spec = settings.served_model
-    return rayserve.deployment(GatewayReplica).options(
+    return rayserve.deployment(
         name="batchserve",
         num_replicas=spec.replicas,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
@@ -60,4 +60,4 @@ def gateway_deployment(settings: Settings) -> Any:
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=settings.health_check_timeout_s,
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
-    )
+    )(GatewayReplica)

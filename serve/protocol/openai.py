@@ -1,0 +1,288 @@
+"""The OpenAI dialect: request wire models (pydantic v2) and response objects (plain dicts).
+
+Requests are validated strictly (no string-to-number coercion, booleans are not
+numbers); unknown keys are ignored. Every failure is a `BadInput` whose `param`
+names the offending field the way OpenAI does (`messages[0].content`).
+
+Decided limits of this dialect:
+- `prompt` (completions) is one string, or a list holding exactly one string;
+  batches and token-id prompts are refused with a 400.
+- `logprobs` / `top_logprobs` are refused with a 400 (not wired through the engine);
+  `logprobs: false` / `null` and `top_logprobs: 0` are accepted.
+- `echo`, `suffix` and `best_of` > 1 (completions) are refused with a 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Final, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from serve.errors import BadInput
+from serve.replica.engine import ChatMessage
+
+MAX_STOP: Final = 4
+_SEED_MIN: Final = -(2**63)
+_SEED_MAX: Final = 2**63 - 1
+# pydantic names union members in error locations; they are not part of a field path.
+_TYPE_TAGS: Final = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+_Penalty = Annotated[float, Field(ge=-2, le=2)]
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class ContentPart(_Wire):
+    type: str
+    text: str | None = None
+
+
+class MessageIn(_Wire):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(_Wire):
+    include_usage: bool = False
+
+
+class JsonSchemaFormat(_Wire):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Wire):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class _Common(_Wire):
+    model: str
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1)] = 1
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)] | None = None
+    presence_penalty: _Penalty | None = None
+    frequency_penalty: _Penalty | None = None
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+
+    @property
+    def wanted_max_tokens(self) -> int | None:
+        """`max_completion_tokens` is the newer name of `max_tokens`; it wins."""
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def structured(self) -> tuple[dict[str, Any] | None, bool]:
+        """(JSON schema, json_object) asked for by `response_format`."""
+        fmt = self.response_format
+        if fmt is None or fmt.type == "text":
+            return None, False
+        if fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise BadInput(
+                    "response_format.json_schema is required when type is json_schema",
+                    param="response_format.json_schema",
+                )
+            if fmt.json_schema.schema_ is not None:
+                return fmt.json_schema.schema_, False
+        return None, True
+
+    def check_common(self) -> None:
+        if "" in self.stop_strings:
+            raise BadInput("stop strings must not be empty", param="stop")
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[MessageIn], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    def chat_messages(self) -> list[ChatMessage]:
+        """Messages for the chat template; `developer` is the newer name of `system`."""
+        out = []
+        for index, message in enumerate(self.messages):
+            role = "system" if message.role == "developer" else message.role
+            out.append(ChatMessage(role=role, content=_text_of(message.content, index)))
+        return out
+
+    def check(self) -> None:
+        self.check_common()
+        if self.logprobs:
+            raise BadInput("logprobs are not supported", param="logprobs")
+        if self.top_logprobs:
+            raise BadInput("logprobs are not supported", param="top_logprobs")
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+
+    @property
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def check(self) -> None:
+        self.check_common()
+        if isinstance(self.prompt, list) and len(self.prompt) != 1:
+            raise BadInput(
+                "prompt must be one string (or a list of one string); "
+                "batches of prompts are not supported, use n for several completions",
+                param="prompt",
+            )
+        if not self.prompt_text:
+            raise BadInput("prompt must not be empty", param="prompt")
+        if self.logprobs is not None:
+            raise BadInput("logprobs are not supported", param="logprobs")
+        if self.echo:
+            raise BadInput("echo is not supported", param="echo")
+        if self.suffix:
+            raise BadInput("suffix is not supported", param="suffix")
+        if self.best_of is not None and self.best_of > 1:
+            raise BadInput("best_of is not supported; use n", param="best_of")
+
+
+def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    texts = []
+    for part_index, part in enumerate(content):
+        if part.type != "text" or part.text is None:
+            raise BadInput(
+                f"content part type {part.type!r} is not supported; this model reads text only",
+                param=f"messages[{index}].content[{part_index}]",
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _param_of(loc: Sequence[int | str]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part.islower() and part not in _TYPE_TAGS:
+            path += f".{part}" if path else part
+    return path
+
+
+_Request = TypeVar("_Request", ChatCompletionRequest, CompletionRequest)
+
+
+def _parse(kind: type[_Request], body: object) -> _Request:
+    if not isinstance(body, dict):
+        raise BadInput("the request body must be a JSON object")
+    try:
+        request = kind.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = _param_of(first["loc"]) or None
+        raise BadInput(f"{param or 'body'}: {first['msg']}", param=param) from None
+    request.check()
+    return request
+
+
+def parse_chat_request(body: object) -> ChatCompletionRequest:
+    return _parse(ChatCompletionRequest, body)
+
+
+def parse_completion_request(body: object) -> CompletionRequest:
+    return _parse(CompletionRequest, body)
+
+
+# -- responses ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResponseMeta:
+    """What every object of one response shares."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    @property
+    def object(self) -> str:
+        return "chat.completion" if self.chat else "text_completion"
+
+    @property
+    def chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+def finish_reason(reason: str | None) -> str:
+    """OpenAI knows `stop` and `length`; an engine abort is reported as `stop`."""
+    return "length" if reason == "length" else "stop"
+
+
+def completion_object(
+    meta: ResponseMeta, choices: Sequence[tuple[str, str]], usage: Mapping[str, int]
+) -> dict[str, Any]:
+    """`chat.completion` or `text_completion`; `choices` holds (text, finish_reason)."""
+    out = []
+    for index, (text, finish) in enumerate(choices):
+        choice: dict[str, Any] = {"index": index}
+        if meta.chat:
+            choice["message"] = {"role": "assistant", "content": text, "refusal": None}
+        else:
+            choice["text"] = text
+        choice.update(logprobs=None, finish_reason=finish)
+        out.append(choice)
+    return {**meta.head(meta.object), "choices": out, "usage": dict(usage)}
+
+
+def chunk_object(
+    meta: ResponseMeta,
+    index: int,
+    *,
+    text: str = "",
+    first: bool = False,
+    finish: str | None = None,
+    with_usage: bool = False,
+) -> dict[str, Any]:
+    """One streamed choice delta; a chat stream's first chunk carries the role."""
+    choice: dict[str, Any] = {"index": index}
+    if meta.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": text} if first else {}
+        if text and not first:
+            delta["content"] = text
+        choice["delta"] = delta
+    else:
+        choice["text"] = text
+    choice.update(logprobs=None, finish_reason=finish)
+    chunk = {**meta.head(meta.chunk_object), "choices": [choice]}
+    if with_usage:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(meta: ResponseMeta, usage: Mapping[str, int]) -> dict[str, Any]:
+    """The last chunk when `stream_options.include_usage` is set: no choices, the totals."""
+    return {**meta.head(meta.chunk_object), "choices": [], "usage": dict(usage)}

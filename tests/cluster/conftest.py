@@ -1,0 +1,108 @@
+"""The cluster tier: one real Ray Serve application (2 replicas, real vLLM on CPU)
+started once through the CLI, on the tiny Qwen2 checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+TOKEN = "cluster-tier-token"
+ACCOUNT = "dev-account"
+MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
+START_TIMEOUT_S = 420
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str
+    replica_urls: tuple[str, ...]
+    log: Path
+
+    @property
+    def run_url(self) -> str:
+        return f"{self.url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _free_port_pair() -> int:
+    """A port p with p+1 also free (Serve gives replica i the port base + i)."""
+    for _ in range(50):
+        base = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError("no free port pair")
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    work = tmp_path_factory.mktemp("cluster")
+    port, base = _free_port(), _free_port_pair()
+    env = {
+        **os.environ,
+        "BATCHSERVE_DEV_TOKEN": TOKEN,
+        "BATCHSERVE_CACHE_DIR": str(work / "cache"),
+        "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        # Serve gives each replica its own HTTP port from this range; the tests read
+        # every replica's engine state there directly.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 2),
+    }
+    log = work / "batchserve-up.log"
+    cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--port", str(port),
+           "--model", str(tiny_qwen2_dir), "--replicas", "2"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    replicas = (f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}")
+    deadline = time.monotonic() + START_TIMEOUT_S
+    try:
+        while not (_healthy(url) and all(_healthy(r) for r in replicas)):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"batchserve up did not start; log:\n{log.read_text()[-5000:]}")
+            time.sleep(2)
+        yield Cluster(url=url, replica_urls=replicas, log=log)
+    finally:
+        tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for p in alive:
+            p.kill()
+        leftovers = [f"{p.pid} {p.name()}" for p in alive]
+        assert not leftovers, f"Ctrl-C left processes running: {leftovers}"

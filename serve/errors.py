@@ -156,9 +156,7 @@ class RouteNotFound(BatchserveError):
     gateway_layer = True
 
     def __init__(self, path: str) -> None:
-        super().__init__(
-            f"Could not route to {path}, perhaps your object identifier is invalid?"
-        )
+        super().__init__(f"Could not route to {path}, perhaps your object identifier is invalid?")
 
 
 # -- 5xx and timeouts: ours --------------------------------------------------------------

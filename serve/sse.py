@@ -11,4 +11,8 @@ HEARTBEAT = b": keep-alive\n\n"
 
 def event(payload: dict[str, Any]) -> bytes:
     """One `data:` event: compact JSON on a single line, then a blank line."""
-    return b"data: " + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"\n\n"
+    )

@@ -7,7 +7,13 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
 from serve.errors import EngineFailure
-from serve.replica.engine import ChatMessage, EngineInfo, GenerateRequest, TokenDelta
+from serve.replica.engine import (
+    ChatMessage,
+    EngineInfo,
+    FinishReason,
+    GenerateRequest,
+    TokenDelta,
+)
 
 
 @dataclass
@@ -15,6 +21,8 @@ class FakeEngine:
     """Tokens are characters; the reply echoes a fixed text word by word."""
 
     reply: str = "Hello from the fake engine."
+    # The reply when structured (JSON) output is requested.
+    json_reply: str = '{"answer": "fake"}'
     context_window: int = 4096
     delay_s: float = 0.0
     fail_after: int | None = None
@@ -37,18 +45,30 @@ class FakeEngine:
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         self.requests.append(request)
         self.running.add(request.request_id)
-        words = [w + " " for w in self.reply.split(" ")]
+        sampling = request.sampling
+        structured = sampling.json_schema is not None or sampling.json_object
+        words = [w + " " for w in (self.json_reply if structured else self.reply).split(" ")]
         words[-1] = words[-1].rstrip()
-        budget = request.sampling.max_tokens
+        budget = sampling.max_tokens
         done = False
+        text = ""
         try:
             for i, word in enumerate(words[:budget]):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise EngineFailure()
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+                hits = [(text + word).find(s) for s in sampling.stop if s in text + word]
+                if hits:  # like vLLM: the output ends before the stop string
+                    yield TokenDelta(
+                        text=(text + word)[: min(hits)][len(text) :],
+                        new_tokens=1,
+                        finish_reason="stop",
+                    )
+                    break
+                text += word
                 last = i == min(len(words), budget) - 1
-                reason = None
+                reason: FinishReason | None = None
                 if last:
                     reason = "length" if budget < len(words) else "stop"
                 yield TokenDelta(text=word, new_tokens=1, finish_reason=reason)

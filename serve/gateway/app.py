@@ -10,6 +10,7 @@ from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
 from serve.gateway.models_routes import models_router
+from serve.gateway.openai_routes import openai_router
 from serve.gateway.request_id import RequestIdMiddleware
 from serve.gateway.workers_ai_routes import workers_ai_router
 
@@ -44,6 +45,7 @@ def build_app(ctx: GatewayContext) -> FastAPI:
 
     app.include_router(workers_ai_router(ctx))
     app.include_router(models_router(ctx))
+    app.include_router(openai_router(ctx))
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, object]:

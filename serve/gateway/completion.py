@@ -10,8 +10,9 @@ releases its slot, whichever way it ends.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from serve.errors import ContextWindowExceeded, OutOfCapacity
 from serve.replica.engine import Engine, FinishReason, GenerateRequest, SamplingOptions
@@ -53,6 +54,8 @@ class SamplingRequest:
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     stop: tuple[str, ...] = ()
+    json_schema: Mapping[str, Any] | None = None
+    json_object: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ def plan_sampling(
         frequency_penalty=asked.frequency_penalty or 0.0,
         presence_penalty=asked.presence_penalty or 0.0,
         stop=asked.stop,
+        json_schema=asked.json_schema,
+        json_object=asked.json_object and asked.json_schema is None,
     )
     return options, clamped
 
@@ -144,7 +149,9 @@ class Completion:
 class CompletionService:
     """Admission and token budgets for one engine."""
 
-    def __init__(self, engine: Engine, budget: Budget, *, max_inflight: int, retry_after_s: float) -> None:
+    def __init__(
+        self, engine: Engine, budget: Budget, *, max_inflight: int, retry_after_s: float
+    ) -> None:
         self.engine = engine
         self.budget = budget
         self.max_inflight = max_inflight

@@ -54,12 +54,15 @@ def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
 
 
 def error_status(err: BatchserveError, dialect: Dialect) -> int:
-    # OpenAI clients expect a 401 for missing keys and a 404 for unknown models.
+    # OpenAI clients expect a 401 for missing keys, a 404 for unknown models and a
+    # 400 (BadRequestError, code context_length_exceeded) for an over-long request.
     if dialect is Dialect.OPENAI:
         if err.code == 9106:
             return 401
         if err.openai_code == "model_not_found":
             return 404
+        if err.openai_code == "context_length_exceeded":
+            return 400
     return err.status
 
 

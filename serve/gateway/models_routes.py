@@ -35,4 +35,18 @@ def models_router(ctx: GatewayContext) -> APIRouter:
         ctx.authenticator.authenticate(request.headers, account_id)
         return {"object": "list", "data": [model_object()]}
 
+    def one_model(model: str) -> dict[str, Any]:
+        ctx.require_model(model)  # unknown id: 404 model_not_found on these paths
+        return model_object()
+
+    @router.get("/v1/models/{model:path}")
+    async def get_model(request: Request, model: str) -> dict[str, Any]:
+        ctx.authenticator.authenticate(request.headers, None)
+        return one_model(model)
+
+    @router.get("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}")
+    async def get_account_model(request: Request, account_id: str, model: str) -> dict[str, Any]:
+        ctx.authenticator.authenticate(request.headers, account_id)
+        return one_model(model)
+
     return router

@@ -12,9 +12,9 @@ from starlette.responses import Response, StreamingResponse
 from serve import sse
 from serve.errors import LoraUnsupported
 from serve.gateway.body import read_body
+from serve.gateway.completion import Completion, SamplingRequest
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
-from serve.gateway.completion import Completion, SamplingRequest
 from serve.gateway.request_id import mark_reached_inference
 from serve.protocol.workers_ai import RunInput, parse_json_body, parse_run_input, published_schema
 
@@ -41,7 +41,21 @@ def cap_note(cap: int) -> dict[str, Any]:
     }
 
 
+def structured_of(response_format: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
+    """`response_format` (extension): (JSON schema, json_object). The schema is given as is,
+    or wrapped OpenAI-style as `{"name": ..., "schema": {...}}`."""
+    if response_format is None:
+        return None, False
+    schema = response_format.get("json_schema")
+    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+        schema = schema["schema"]
+    if response_format["type"] == "json_schema" and isinstance(schema, dict):
+        return schema, False
+    return None, True
+
+
 def sampling_of(run: RunInput) -> SamplingRequest:
+    json_schema, json_object = structured_of(run.response_format)
     return SamplingRequest(
         max_tokens=run.max_tokens,
         temperature=run.temperature,
@@ -51,6 +65,8 @@ def sampling_of(run: RunInput) -> SamplingRequest:
         repetition_penalty=run.repetition_penalty,
         frequency_penalty=run.frequency_penalty,
         presence_penalty=run.presence_penalty,
+        json_schema=json_schema,
+        json_object=json_object,
     )
 
 

@@ -6,9 +6,9 @@ production implementation and tests may pass a fake.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -32,6 +32,10 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
+    # Structured output: constrain the text to this JSON schema, or (json_object)
+    # to any JSON object. At most one is set.
+    json_schema: Mapping[str, Any] | None = None
+    json_object: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import os
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, cast
 
-from serve.errors import EngineFailure, EngineUnavailable
+from serve.errors import BadInput, EngineFailure, EngineUnavailable
 from serve.replica.engine import (
     ChatMessage,
     EngineInfo,
@@ -48,7 +48,7 @@ class VllmEngine:
             model=spec.weights,
             served_model_name=[spec.name],
             dtype=cast(Any, args.dtype),
-            max_model_len=args.max_model_len,
+            max_model_len=cast(Any, args.max_model_len),
             max_num_seqs=args.max_num_seqs,
             gpu_memory_utilization=args.gpu_memory_utilization,
             tensor_parallel_size=args.tensor_parallel_size,
@@ -88,6 +88,7 @@ class VllmEngine:
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
@@ -107,6 +108,8 @@ class VllmEngine:
                         finish_reason=reason if out.finished else None,
                     )
             except Exception as exc:  # the engine's own errors become ours
+                if isinstance(exc, VLLMClientError):  # e.g. a response_format schema it refuses
+                    raise BadInput(str(exc)) from exc
                 if self._llm.errored:
                     raise EngineUnavailable("AiError: The inference engine died") from exc
                 raise EngineFailure() from exc
@@ -119,6 +122,21 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _structured_outputs(options: SamplingOptions) -> Any:
+    """vLLM's structured-output constraint for `response_format`, or None.
+
+    Whitespace between JSON tokens is not allowed: small models otherwise tend to
+    emit whitespace until max_tokens and never close the object.
+    """
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if options.json_schema is not None:
+        return StructuredOutputsParams(json=dict(options.json_schema), disable_any_whitespace=True)
+    if options.json_object:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    return None
 
 
 def _sampling_params(options: SamplingOptions) -> Any:
@@ -135,5 +153,6 @@ def _sampling_params(options: SamplingOptions) -> Any:
         frequency_penalty=options.frequency_penalty,
         presence_penalty=options.presence_penalty,
         stop=list(options.stop) or None,
+        structured_outputs=_structured_outputs(options),
         output_kind=RequestOutputKind.DELTA,
     )

@@ -38,7 +38,9 @@ async def test_bad_input(client: httpx.AsyncClient, body: bytes, needle: str) ->
 
 
 async def test_unknown_model(client: httpx.AsyncClient) -> None:
-    r = await client.post(f"/client/v4/accounts/{ACCOUNT}/ai/run/@cf/meta/nope", headers=AUTH, json={"prompt": "x"})
+    r = await client.post(
+        f"/client/v4/accounts/{ACCOUNT}/ai/run/@cf/meta/nope", headers=AUTH, json={"prompt": "x"}
+    )
     body = assert_envelope(r, 400, 5007)
     assert "@cf/meta/nope" in body["errors"][0]["message"]  # type: ignore[index]
 

@@ -6,7 +6,6 @@ import httpx
 
 from serve.cluster import build_gateway
 from serve.settings import Settings
-
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, RUN_URL
 
@@ -150,9 +149,13 @@ async def test_engine_failure_before_first_byte_is_envelope(
 
 
 async def test_client_request_id_echoed(client: httpx.AsyncClient) -> None:
-    r = await client.post(RUN_URL, headers={**AUTH, "X-Request-Id": "abc-123"}, json={"prompt": "hi"})
+    r = await client.post(
+        RUN_URL, headers={**AUTH, "X-Request-Id": "abc-123"}, json={"prompt": "hi"}
+    )
     assert r.headers["x-request-id"] == "abc-123"
-    r = await client.post(RUN_URL, headers={**AUTH, "X-Request-Id": "bad id <script>"}, json={"prompt": "hi"})
+    r = await client.post(
+        RUN_URL, headers={**AUTH, "X-Request-Id": "bad id <script>"}, json={"prompt": "hi"}
+    )
     assert r.headers["x-request-id"] != "bad id"
 
 

@@ -1,0 +1,92 @@
+"""Several independent completions of one prompt (OpenAI's `n`), run concurrently."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from serve.errors import OutOfCapacity
+from serve.gateway.completion import Completion, CompletionService, PreparedRequest, Usage
+
+_SEED_SPAN = 2**64
+_SEED_MIN = -(2**63)
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """Choice i samples with seed+i (kept in the signed 64-bit range), so choices differ."""
+    if seed is None:
+        return None
+    return (seed + index - _SEED_MIN) % _SEED_SPAN + _SEED_MIN
+
+
+def choice_request_id(request_id: str, index: int, n: int) -> str:
+    return request_id if n == 1 else f"{request_id}-{index}"
+
+
+@dataclass
+class Choices:
+    """The running completions of one request, in choice order."""
+
+    completions: Sequence[Completion]
+
+    @classmethod
+    def start(cls, service: CompletionService, prepared: Sequence[PreparedRequest]) -> Choices:
+        """Admit all choices or none: n choices take n of the replica's slots."""
+        if service.inflight + len(prepared) > service.max_inflight:
+            raise OutOfCapacity(retry_after_s=service.retry_after_s)
+        return cls([service.start(p) for p in prepared])
+
+    @property
+    def usage(self) -> Usage:
+        """The prompt is counted once, the completions of all choices add up."""
+        return Usage(
+            self.completions[0].usage.prompt_tokens,
+            sum(c.completion_tokens for c in self.completions),
+        )
+
+    async def collect(self) -> list[str]:
+        if len(self.completions) == 1:
+            return [await self.completions[0].collect()]
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(c.collect()) for c in self.completions]
+        except ExceptionGroup as failed:  # the first failure speaks for the request
+            raise failed.exceptions[0] from None
+        return [task.result() for task in tasks]
+
+    async def merged(self) -> AsyncIterator[tuple[int, str | None]]:
+        """(choice index, text delta) as they come, and (index, None) when a choice ends.
+
+        Stopping early (client gone) cancels every choice, which aborts its engine request.
+        """
+        if len(self.completions) == 1:
+            async for text in self.completions[0].deltas():
+                yield 0, text
+            yield 0, None
+            return
+        queue: asyncio.Queue[tuple[int, str | None] | Exception] = asyncio.Queue()
+
+        async def pump(index: int, completion: Completion) -> None:
+            try:
+                async for text in completion.deltas():
+                    queue.put_nowait((index, text))
+            except Exception as exc:
+                queue.put_nowait(exc)
+                return
+            queue.put_nowait((index, None))
+
+        tasks = [asyncio.create_task(pump(i, c)) for i, c in enumerate(self.completions)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                if item[1] is None:
+                    running -= 1
+                yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

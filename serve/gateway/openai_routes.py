@@ -1,0 +1,166 @@
+"""The OpenAI dialect: chat completions and completions, thin handlers over `CompletionService`.
+
+Served at `/v1/...` (any account of the caller's token) and at
+`/client/v4/accounts/{account_id}/ai/v1/...` (the account must be the token's).
+The non-streaming cap and the context-window rule are `plan_sampling`'s, exactly
+as on the Workers AI route; when the cap lowered max_tokens, the response carries
+the `x-batchserve-max-tokens-cap` header (and `finish_reason: "length"` if it was hit).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Final
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response, StreamingResponse
+
+from serve import sse
+from serve.errors import BadInput
+from serve.gateway.body import read_body
+from serve.gateway.choices import Choices, choice_request_id, choice_seed
+from serve.gateway.completion import SamplingRequest
+from serve.gateway.context import GatewayContext
+from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
+from serve.gateway.request_id import mark_reached_inference
+from serve.gateway.tenants import Tenant
+from serve.protocol.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ResponseMeta,
+    chunk_object,
+    completion_object,
+    finish_reason,
+    parse_chat_request,
+    parse_completion_request,
+    usage_chunk,
+)
+from serve.protocol.workers_ai import parse_json_body
+
+MAX_N: Final = 8
+"""The most choices (`n`) one request may ask for; each choice is one engine request
+and takes one of the replica's admission slots. More is a 400 naming `n`."""
+
+OPENAI_DEFAULT_TEMPERATURE: Final = 1.0
+"""OpenAI's documented default (the Workers AI route's default is the configured one)."""
+
+CAP_HEADER: Final = "x-batchserve-max-tokens-cap"
+_PREFIXES: Final = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
+
+OpenAIRequest = ChatCompletionRequest | CompletionRequest
+
+
+def sampling_of(body: OpenAIRequest) -> SamplingRequest:
+    json_schema, json_object = body.structured()
+    return SamplingRequest(
+        max_tokens=body.wanted_max_tokens,
+        temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        frequency_penalty=body.frequency_penalty,
+        presence_penalty=body.presence_penalty,
+        stop=body.stop_strings,
+        json_schema=json_schema,
+        json_object=json_object,
+    )
+
+
+async def sse_stream(
+    choices: Choices, meta: ResponseMeta, include_usage: bool
+) -> AsyncIterator[bytes]:
+    """`chat.completion.chunk` (or `text_completion`) events, the usage chunk, then [DONE]."""
+    count = len(choices.completions)
+    if meta.chat:
+        for index in range(count):
+            yield sse.event(chunk_object(meta, index, first=True, with_usage=include_usage))
+    try:
+        async for index, text in choices.merged():
+            if text is None:
+                reason = finish_reason(choices.completions[index].finish_reason)
+                yield sse.event(chunk_object(meta, index, finish=reason, with_usage=include_usage))
+            else:
+                yield sse.event(chunk_object(meta, index, text=text, with_usage=include_usage))
+    except Exception as exc:
+        # Failure after the first byte: one error event (the SDK raises APIError), then [DONE].
+        yield sse.event(error_body(as_batchserve_error(exc), Dialect.OPENAI))
+        yield sse.DONE
+        return
+    if include_usage:
+        yield sse.event(usage_chunk(meta, choices.usage.as_dict()))
+    yield sse.DONE
+
+
+def openai_router(ctx: GatewayContext) -> APIRouter:
+    router = APIRouter()
+
+    async def respond(
+        request: Request, tenant: Tenant, body: OpenAIRequest, prompt_ids: list[int]
+    ) -> Response:
+        if body.n > MAX_N:
+            raise BadInput(f"n must be <= {MAX_N}", param="n")
+        request_id = mark_reached_inference(request.scope)
+        tenant_salt = ctx.cache_salt(tenant)
+        asked = sampling_of(body)
+        prepared = [
+            ctx.completions.prepare(
+                request_id=choice_request_id(request_id, i, body.n),
+                prompt_token_ids=prompt_ids,
+                asked=replace(asked, seed=choice_seed(body.seed, i)),
+                stream=body.stream,
+                cache_salt=tenant_salt,
+            )
+            for i in range(body.n)
+        ]
+        choices = Choices.start(ctx.completions, prepared)
+        prefix = "chatcmpl-" if isinstance(body, ChatCompletionRequest) else "cmpl-"
+        meta = ResponseMeta(
+            id=prefix + request_id.replace("-", ""),
+            created=int(time.time()),
+            model=ctx.model_name,
+            chat=isinstance(body, ChatCompletionRequest),
+        )
+        cap = prepared[0].request.sampling.max_tokens
+        headers = {CAP_HEADER: str(cap)} if prepared[0].clamped else {}
+        if body.stream:
+            return StreamingResponse(
+                sse_stream(choices, meta, body.include_usage),
+                media_type="text/event-stream",
+                headers=headers,
+            )
+        texts = await choices.collect()
+        finished = [finish_reason(c.finish_reason) for c in choices.completions]
+        result = completion_object(
+            meta, list(zip(texts, finished, strict=True)), choices.usage.as_dict()
+        )
+        return Response(
+            json.dumps(result, ensure_ascii=False, separators=(",", ":")),
+            media_type="application/json",
+            headers=headers,
+        )
+
+    def authenticate(request: Request) -> Tenant:
+        # The bare /v1 routes have no account in the path: any account of the token.
+        return ctx.authenticator.authenticate(
+            request.headers, request.path_params.get("account_id")
+        )
+
+    async def chat_completions(request: Request) -> Response:
+        tenant = authenticate(request)
+        body = parse_chat_request(parse_json_body(await read_body(request, ctx.max_body_bytes)))
+        ctx.require_model(body.model)
+        return await respond(request, tenant, body, ctx.engine.encode_chat(body.chat_messages()))
+
+    async def completions(request: Request) -> Response:
+        tenant = authenticate(request)
+        raw = await read_body(request, ctx.max_body_bytes)
+        body = parse_completion_request(parse_json_body(raw))
+        ctx.require_model(body.model)
+        return await respond(request, tenant, body, ctx.engine.encode_raw(body.prompt_text))
+
+    for prefix in _PREFIXES:
+        router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
+        router.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
+    return router

@@ -1,0 +1,477 @@
+"""The OpenAI dialect, in process: raw HTTP and the official `openai` SDK, both prefixes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+from fastapi import FastAPI
+from openai.types.chat import ChatCompletionMessageParam
+
+from serve.cluster import build_gateway
+from serve.settings import Settings
+from tests.fakes import FakeEngine
+from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, TOKEN
+
+PREFIXES = ["/v1", f"/client/v4/accounts/{ACCOUNT}/ai/v1"]
+CHAT = "/v1/chat/completions"
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+
+
+@pytest.fixture
+def app(settings: Settings, engine: FakeEngine) -> FastAPI:
+    return build_gateway(settings, engine)
+
+
+@pytest.fixture(params=PREFIXES, ids=["v1", "account"])
+async def sdk(request: pytest.FixtureRequest, app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield openai.AsyncOpenAI(
+            base_url=f"http://test{request.param}",
+            api_key=TOKEN,
+            http_client=http,  # type: ignore[arg-type]
+            max_retries=0,
+        )
+
+
+def sdk_with_key(app: FastAPI, key: str) -> tuple[openai.AsyncOpenAI, httpx.AsyncClient]:
+    http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
+    return openai.AsyncOpenAI(
+        base_url="http://test/v1",
+        api_key=key,
+        http_client=http,  # type: ignore[arg-type]
+        max_retries=0,
+    ), http
+
+
+async def until_running(engine: FakeEngine, count: int) -> None:
+    for _ in range(1000):
+        if len(engine.running) >= count:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"{count} requests never ran at once")
+
+
+def sse_payloads(body: str) -> list[dict[str, object]]:
+    frames = [f for f in body.split("\n\n") if f]
+    assert all(f.startswith("data: ") for f in frames), frames
+    assert frames[-1] == "data: [DONE]"
+    return [json.loads(f[len("data: ") :]) for f in frames[:-1]]
+
+
+# -- the SDK ------------------------------------------------------------------------------
+
+
+async def test_chat_non_streaming(sdk: openai.AsyncOpenAI) -> None:
+    out = await sdk.chat.completions.create(model=MODEL, messages=HI, max_tokens=3)
+    assert out.object == "chat.completion"
+    assert out.id.startswith("chatcmpl-")
+    assert out.model == MODEL
+    assert out.choices[0].message.role == "assistant"
+    assert out.choices[0].message.content == "one two three "
+    assert out.choices[0].finish_reason == "length"
+    assert out.usage is not None
+    assert out.usage.completion_tokens == 3
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 3
+
+
+async def test_chat_streaming_equals_non_streaming(sdk: openai.AsyncOpenAI) -> None:
+    plain = await sdk.chat.completions.create(model=MODEL, messages=HI, max_tokens=5, temperature=0)
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [chunk async for chunk in stream]
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:-1])
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == plain.choices[0].message.content == "one two three four five "
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+async def test_streaming_without_include_usage_has_no_usage_chunk(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=2,
+        stream=True,
+    )
+    chunks = [chunk async for chunk in stream]
+    assert all(c.choices for c in chunks)
+    assert all(c.usage is None for c in chunks)
+
+
+async def test_completions(sdk: openai.AsyncOpenAI, engine: FakeEngine) -> None:
+    out = await sdk.completions.create(model=MODEL, prompt="abc", max_tokens=2)
+    assert out.object == "text_completion"
+    assert out.choices[0].text == "one two "
+    # A completion is the raw prompt: no chat template.
+    assert list(engine.requests[-1].prompt_token_ids) == [ord(c) for c in "abc"]
+    stream = await sdk.completions.create(model=MODEL, prompt=["abc"], max_tokens=2, stream=True)
+    assert "".join([c.choices[0].text async for c in stream]) == "one two "
+
+
+async def test_models(sdk: openai.AsyncOpenAI) -> None:
+    listed = [m.id async for m in sdk.models.list()]
+    assert listed == [MODEL]
+    model = await sdk.models.retrieve(MODEL)
+    assert model.id == MODEL and model.object == "model"
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.models.retrieve("@cf/meta/nope")
+    assert caught.value.code == "model_not_found"
+
+
+async def test_n_choices(sdk: openai.AsyncOpenAI, engine: FakeEngine) -> None:
+    out = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=2,
+        n=2,
+        seed=7,
+    )
+    assert [c.index for c in out.choices] == [0, 1]
+    assert all(c.message.content == "one two " for c in out.choices)
+    assert out.usage is not None and out.usage.completion_tokens == 4
+    assert [r.sampling.seed for r in engine.requests[-2:]] == [7, 8]
+    assert len({r.request_id for r in engine.requests[-2:]}) == 2
+
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=2,
+        n=2,
+        stream=True,
+    )
+    texts = ["", ""]
+    roles = [0, 0]
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            roles[choice.index] += choice.delta.role == "assistant"
+    assert texts == ["one two ", "one two "]
+    assert roles == [1, 1]
+
+
+async def test_stop(sdk: openai.AsyncOpenAI, engine: FakeEngine) -> None:
+    out = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        stop="thr",
+        max_tokens=6,
+    )
+    assert out.choices[0].message.content == "one two "
+    assert out.choices[0].finish_reason == "stop"
+    await sdk.completions.create(model=MODEL, prompt="x", stop=["a", "b"], max_tokens=1)
+    assert engine.requests[-1].sampling.stop == ("a", "b")
+
+
+async def test_json_schema_reaches_engine(sdk: openai.AsyncOpenAI, engine: FakeEngine) -> None:
+    schema: dict[str, object] = {"type": "object", "properties": {"answer": {"type": "string"}}}
+    out = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=8,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "a", "schema": schema, "strict": True},
+        },
+    )
+    assert engine.requests[-1].sampling.json_schema == schema
+    assert json.loads(out.choices[0].message.content or "") == {"answer": "fake"}
+    await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=8,
+        response_format={"type": "json_object"},
+    )
+    sampling = engine.requests[-1].sampling
+    assert sampling.json_object and sampling.json_schema is None
+    await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        max_tokens=1,
+        response_format={"type": "text"},
+    )
+    sampling = engine.requests[-1].sampling
+    assert not sampling.json_object and sampling.json_schema is None
+
+
+async def test_bad_request_names_param(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        await sdk.chat.completions.create(model=MODEL, messages=HI, temperature=3)
+    body = caught.value.body
+    assert isinstance(body, dict)
+    assert body["param"] == "temperature" and body["type"] == "invalid_request_error"
+
+
+async def test_authentication_errors(app: FastAPI, client: httpx.AsyncClient) -> None:
+    bad, http = sdk_with_key(app, "wrong")
+    async with http:
+        with pytest.raises(openai.AuthenticationError):
+            await bad.models.list()
+        with pytest.raises(openai.AuthenticationError) as caught:
+            await bad.chat.completions.create(model=MODEL, messages=HI)
+        assert caught.value.code == "invalid_api_key"
+    # No key at all is a 401 too on the OpenAI routes (a 400/9106 on Workers AI's).
+    r = await client.post(CHAT, json={"model": MODEL, "messages": HI})
+    assert r.status_code == 401
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_unknown_model(sdk: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        await sdk.chat.completions.create(model="@cf/meta/nope", messages=HI)
+    assert caught.value.code == "model_not_found"
+    body = caught.value.body
+    assert isinstance(body, dict) and body["param"] == "model"
+
+
+async def test_rate_limited_when_full(app: FastAPI, engine: FakeEngine) -> None:
+    engine.delay_s = 0.05
+    client, http = sdk_with_key(app, TOKEN)
+    async with http:
+        slow = [
+            asyncio.create_task(
+                client.chat.completions.create(model=MODEL, messages=HI, max_tokens=8)
+            )
+            for _ in range(4)
+        ]
+        await until_running(engine, 4)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=1)
+        assert caught.value.response.headers["retry-after"] == "1"
+        assert caught.value.code == "rate_limit_exceeded"
+        await asyncio.gather(*slow)
+        assert engine.running == set()
+
+
+async def test_n_over_capacity_refused(app: FastAPI, engine: FakeEngine) -> None:
+    """n choices take n slots: with 3 of 4 busy, n=2 does not fit."""
+    engine.delay_s = 0.05
+    client, http = sdk_with_key(app, TOKEN)
+    async with http:
+        busy = [
+            asyncio.create_task(
+                client.chat.completions.create(model=MODEL, messages=HI, max_tokens=8)
+            )
+            for _ in range(3)
+        ]
+        await until_running(engine, 3)
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model=MODEL, messages=HI, n=2, max_tokens=1)
+        await asyncio.gather(*busy)
+
+
+async def test_context_window(settings: Settings) -> None:
+    app = build_gateway(settings, FakeEngine(reply="w " * 20, context_window=100))
+    client, http = sdk_with_key(app, TOKEN)
+    async with http:
+        # "<user>" + "x"*50 + "<assistant>" is 67 prompt tokens.
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "x" * 50}]
+        stream = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=33,
+            stream=True,
+        )
+        assert [c async for c in stream]
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(
+                model=MODEL,
+                messages=messages,
+                max_tokens=34,
+                stream=True,
+            )
+        assert caught.value.code == "context_length_exceeded"
+        assert "(101)" in caught.value.message and "(100)" in caught.value.message
+        # Non-streaming: the cap (8) applies first, so a huge max_tokens still fits.
+        out = await client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10_000,
+        )
+        assert out.choices[0].finish_reason == "length"
+
+
+async def test_non_stream_cap(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    for prefix in PREFIXES:
+        r = await client.post(
+            f"{prefix}/chat/completions",
+            headers=AUTH,
+            json={"model": MODEL, "messages": HI, "max_completion_tokens": 100},
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"]["completion_tokens"] == 8
+        assert r.headers["x-batchserve-max-tokens-cap"] == "8"
+    # Streams are not capped.
+    r = await client.post(
+        CHAT, headers=AUTH, json={"model": MODEL, "messages": HI, "max_tokens": 100, "stream": True}
+    )
+    assert engine.requests[-1].sampling.max_tokens == 100
+    assert "x-batchserve-max-tokens-cap" not in r.headers
+
+
+# -- raw HTTP -----------------------------------------------------------------------------
+
+
+async def test_raw_stream_frames(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        CHAT,
+        headers=AUTH,
+        json={
+            "model": MODEL,
+            "messages": HI,
+            "max_tokens": 2,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cf-ai-req-id"]
+    events = sse_payloads(r.text)
+    first = events[0]["choices"][0]  # type: ignore[index]
+    assert first["delta"] == {"role": "assistant", "content": ""}
+    assert len({e["id"] for e in events}) == 1
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2  # type: ignore[index]
+
+
+async def test_engine_failure_mid_stream(
+    sdk: openai.AsyncOpenAI, client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    engine.fail_after = 2
+    r = await client.post(CHAT, headers=AUTH, json={"model": MODEL, "messages": HI, "stream": True})
+    events = sse_payloads(r.text)
+    assert events[-1]["error"]["type"] == "server_error"  # type: ignore[index]
+    stream = await sdk.chat.completions.create(
+        model=MODEL,
+        messages=HI,
+        stream=True,
+    )
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass
+
+
+async def test_engine_failure_with_n(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.fail_after = 1
+    r = await client.post(CHAT, headers=AUTH, json={"model": MODEL, "messages": HI, "n": 2})
+    assert r.status_code == 500
+    assert r.json()["error"]["type"] == "server_error"
+    assert engine.running == set()
+
+
+async def test_foreign_account_forbidden(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        "/client/v4/accounts/other/ai/v1/chat/completions",
+        headers=AUTH,
+        json={"model": MODEL, "messages": HI},
+    )
+    assert r.status_code == 403
+    assert r.json()["error"]["type"] == "permission_error"
+
+
+async def test_content_parts_and_developer_role(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+    ]
+    r = await client.post(
+        CHAT, headers=AUTH, json={"model": MODEL, "messages": messages, "max_tokens": 1}
+    )
+    assert r.status_code == 200, r.text
+    expected = "<system>be brief<user>ab<assistant>"
+    assert list(engine.requests[-1].prompt_token_ids) == [ord(c) for c in expected]
+
+
+async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
+    body = {"model": MODEL, "messages": HI, "max_tokens": 1, "tools": None, "whatever": {"x": 1}}
+    assert (await client.post(CHAT, headers=AUTH, json=body)).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "extra", "param"),
+    [
+        (CHAT, {"temperature": 2.5}, "temperature"),
+        (CHAT, {"temperature": "0.5"}, "temperature"),
+        (CHAT, {"max_tokens": True}, "max_tokens"),
+        (CHAT, {"max_tokens": 0}, "max_tokens"),
+        (CHAT, {"top_p": 1.5}, "top_p"),
+        (CHAT, {"frequency_penalty": -3}, "frequency_penalty"),
+        (CHAT, {"presence_penalty": 2.5}, "presence_penalty"),
+        (CHAT, {"n": 0}, "n"),
+        (CHAT, {"n": 9}, "n"),
+        (CHAT, {"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        (CHAT, {"stop": ""}, "stop"),
+        (CHAT, {"logprobs": True}, "logprobs"),
+        (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        (CHAT, {"messages": []}, "messages"),
+        (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        (
+            CHAT,
+            {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+            "messages[0].content[0]",
+        ),
+        (CHAT, {"response_format": {"type": "xml"}}, "response_format.type"),
+        (CHAT, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        (CHAT, {"model": 5}, "model"),
+        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
+        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"prompt": ""}, "prompt"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 1}, "logprobs"),
+        ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),
+        ("/v1/completions", {"prompt": "a", "best_of": 2}, "best_of"),
+    ],
+)
+async def test_bad_input(
+    client: httpx.AsyncClient, path: str, extra: dict[str, object], param: str
+) -> None:
+    base: dict[str, object] = {"model": MODEL}
+    base["messages" if path == CHAT else "prompt"] = HI if path == CHAT else "a"
+    r = await client.post(path, headers=AUTH, json={**base, **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert error["message"]
+
+
+async def test_invalid_json(client: httpx.AsyncClient) -> None:
+    r = await client.post(CHAT, headers=AUTH, content=b"{nope")
+    assert r.status_code == 400
+    assert "Invalid JSON" in r.json()["error"]["message"]
+
+
+async def test_workers_ai_response_format_extension(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    run = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+    schema = {"type": "object"}
+    body = {"prompt": "hi", "response_format": {"type": "json_schema", "json_schema": schema}}
+    r = await client.post(run, headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    assert engine.requests[-1].sampling.json_schema == schema
+    assert json.loads(r.json()["result"]["response"]) == {"answer": "fake"}
+    body = {"prompt": "hi", "response_format": {"type": "json_object"}}
+    assert (await client.post(run, headers=AUTH, json=body)).status_code == 200
+    assert engine.requests[-1].sampling.json_object

@@ -17,7 +17,7 @@ PIP_TORCH := $(shell $(PYTHON) -m pip config list 2>/dev/null | grep -q find-lin
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: serve test lint typecheck unit gateway cluster bench venv clean
+.PHONY: serve test lint typecheck unit gateway cluster chart chart-sync bench venv clean
 
 venv: $(STAMP)
 
@@ -53,11 +53,22 @@ gateway: $(STAMP)
 cluster: $(STAMP)
 	$(BIN)/python -m pytest tests/cluster
 
+chart: $(STAMP)
+	$(BIN)/python -m pytest tests/chart
+
+# deploy/serve-config.yaml is generated from the chart's values (one source with the
+# RayService's serveConfigV2); tests/chart fails when it is stale.
+chart-sync: $(STAMP)
+	$(BIN)/python -m tests.chart.render --write
+
 test: lint typecheck
 	$(BIN)/python -m pytest
 
+# batchserve and the stock vLLM server side by side (tiny Qwen2, 1/8/32 streams, interleaved
+# rounds); writes bench/results-*.json + .html. Holds the shared lock for heavy work.
+BENCH_ROUNDS ?= 7
 bench: $(STAMP)
-	@echo "make bench: the benchmark against the stock vLLM server arrives with issue 7 (load-test harness)."
+	flock /tmp/batchserve-heavy.lock $(BIN)/python -m loadtest.bench --rounds $(BENCH_ROUNDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--cache-dir", type=Path, default=None)
 
     sub.add_parser("doctor", help="print what this machine has for batchserve")
+    from serve.tenants_cli import add_parser as add_tenants_parser
+
+    add_tenants_parser(sub)
     return parser
 
 
@@ -140,6 +143,12 @@ def _banner(settings: Settings, token: str | None) -> str:
             '    -d \'{"messages": [{"role": "user", "content": "Write a haiku about the sea."}],'
             ' "stream": true}\'',
             "",
+            "Metrics (Prometheus text format, gateway batchserve_* and vLLM vllm:*):",
+            f"  curl {base}/metrics   # one replica per call; scrape each replica on its",
+            "  own direct-ingress port (30000, 30001, ... by default):",
+            "  prometheus --config.file=deploy/prometheus/prometheus.yml",
+            "  tokens/sec: sum(rate(batchserve_generated_tokens_total[1m]))",
+            "",
             "Press Ctrl-C to stop.",
             "",
         ]
@@ -226,7 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     ns = _parser().parse_args(argv)
-    commands = {"up": cmd_up, "prepare-model": cmd_prepare_model, "doctor": cmd_doctor}
+    from serve.tenants_cli import cmd_tenants
+
+    commands = {
+        "up": cmd_up,
+        "prepare-model": cmd_prepare_model,
+        "doctor": cmd_doctor,
+        "tenants": cmd_tenants,
+    }
     return commands[ns.command](ns)
 
 

@@ -10,19 +10,28 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
+from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client.registry import Collector
 
+from serve.gateway.access_log import ACCESS_LOGGER, AccessLog, log_to_stderr
+from serve.gateway.admission import Gate
 from serve.gateway.app import build_app
 from serve.gateway.auth import Authenticator
 from serve.gateway.completion import Budget, CompletionService
 from serve.gateway.context import GatewayContext
-from serve.gateway.tenants import StaticTenantStore, Tenant, TenantStore
+from serve.gateway.fair_queue import FairQueue
+from serve.gateway.ledger import SqliteLedger, UsageLedger
+from serve.gateway.observer import Observability
+from serve.gateway.ratelimit import InMemoryRateLimiter, RateLimiter
+from serve.gateway.tenants import FileTenantStore, StaticTenantStore, Tenant, TenantStore
+from serve.metrics import GatewayMetrics, ReplicaExposition
 from serve.replica.engine import Engine
 from serve.settings import Settings
 
 
 def tenant_store(settings: Settings) -> TenantStore:
     if settings.tenants_file is not None:
-        return StaticTenantStore.from_file(settings.tenants_file)
+        return FileTenantStore(settings.tenants_file, check_s=settings.tenants_reload_s)
     dev = settings.dev_tenant
     if dev is None:
         return StaticTenantStore({})
@@ -30,10 +39,71 @@ def tenant_store(settings: Settings) -> TenantStore:
     return StaticTenantStore({dev.token_sha256: tenant})
 
 
+def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
+    """Tenant limits, the fair queue and the usage ledger of one replica: in memory and
+    SQLite for a single replica, Redis (shared by every replica) when `redis_url` is set."""
+    local_ledger = SqliteLedger(settings.usage_ledger_path or settings.cache_dir / "usage.sqlite3")
+    limiter: RateLimiter
+    ledger: UsageLedger
+    if settings.redis_url is None:
+        limiter, ledger = InMemoryRateLimiter(), local_ledger
+    else:
+        from serve.gateway.redis_ledger import RedisLedger
+        from serve.gateway.redis_ratelimit import RedisRateLimiter, redis_client
+
+        errors = metrics.ratelimit_backend_errors
+        client = redis_client(settings.redis_url, settings.redis_timeout_s)
+        limiter = RedisRateLimiter(
+            client,
+            fail_open=settings.rate_limit_fail_open,
+            timeout_s=settings.redis_timeout_s,
+            on_error=lambda action: errors.labels(action).inc(),
+        )
+        ledger = RedisLedger(
+            client,
+            timeout_s=settings.redis_timeout_s,
+            fallback=local_ledger,
+            on_error=lambda action: errors.labels(action).inc(),
+        )
+    queue = FairQueue(
+        settings.max_inflight_per_replica,
+        max_queued_per_tenant=settings.queue_max_per_tenant,
+        max_wait_s=settings.queue_max_wait_s,
+        retry_after_s=settings.retry_after_seconds,
+    )
+    return Gate(limiter, queue, ledger)
+
+
 def build_gateway(
-    settings: Settings, engine: Engine, *, replica_id: str = "local", behind_serve: bool = False
+    settings: Settings,
+    engine: Engine,
+    *,
+    replica_id: str = "local",
+    behind_serve: bool = False,
+    registry: CollectorRegistry | None = None,
+    engine_metrics: Collector | None = None,
 ) -> FastAPI:
-    """The gateway app in front of one engine (also what gateway tests build)."""
+    """The gateway app in front of one engine (also what gateway tests build).
+
+    Gateway metrics go to `registry` (a fresh one by default); `/metrics` serves them
+    and, when given, the engine's own metrics (`engine_metrics`), replica-labelled.
+    """
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = GatewayMetrics(registry, model=settings.served_model.name)
+    observability = Observability(
+        metrics=metrics,
+        access_log=AccessLog(
+            logging.getLogger(ACCESS_LOGGER),
+            model=settings.served_model.name,
+            replica=replica_id,
+            enabled=settings.access_log,
+            log_prompts=settings.log_prompts,
+        ),
+        exposition=ReplicaExposition(
+            [registry] if engine_metrics is None else [registry, engine_metrics],
+            replica=replica_id,
+        ),
+    )
     budget = Budget(
         context_window=engine.info.context_window,
         default_max_tokens=settings.default_max_tokens,
@@ -45,6 +115,8 @@ def build_gateway(
         budget,
         max_inflight=settings.max_inflight_per_replica,
         retry_after_s=settings.retry_after_seconds,
+        metrics=metrics,
+        gate=(gate := build_gate(settings, metrics)),
     )
     ctx = GatewayContext(
         model_name=settings.served_model.name,
@@ -54,16 +126,29 @@ def build_gateway(
         max_body_bytes=settings.max_body_bytes,
         replica_id=replica_id,
         behind_serve=behind_serve,
+        stream_padding=settings.stream_padding,
+        stream_heartbeat_s=settings.stream_heartbeat_s,
+        ledger=gate.ledger,
     )
-    return build_app(ctx)
+    return build_app(ctx, observability)
 
 
 def compose_replica(settings: Settings, replica_id: str) -> tuple[Engine, FastAPI]:
     """One replica: a vLLM engine and the gateway in front of it."""
     from serve.replica.vllm_engine import VllmEngine
 
-    engine = VllmEngine(settings.served_model, cpu_kv_cache_gib=settings.cpu_kv_cache_gib)
-    return engine, build_gateway(settings, engine, replica_id=replica_id, behind_serve=True)
+    engine = VllmEngine(
+        settings.served_model,
+        cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
+        content_as_text=settings.chat_content_as_text,
+    )
+    log_to_stderr(logging.getLogger(ACCESS_LOGGER))  # one JSON line per request
+    # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry
+    # of this process; the replica's /metrics serves them beside the gateway's.
+    app = build_gateway(
+        settings, engine, replica_id=replica_id, behind_serve=True, engine_metrics=REGISTRY
+    )
+    return engine, app
 
 
 def build_application(args: dict[str, Any] | Settings | None = None) -> Any:

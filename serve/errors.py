@@ -129,14 +129,53 @@ class OutOfCapacity(BatchserveError):
     code = 3040
     openai_type = "rate_limit_error"
     openai_code = "rate_limit_exceeded"
+    # Why it was refused (the `reason` label of batchserve_rejections_total): one of
+    # rate, tokens, concurrency (tenant limits), queue_full (this replica's admission),
+    # capacity (the cluster).
+    reason: str = "capacity"
 
     def __init__(
         self,
         message: str = "Capacity temporarily exceeded, please try again.",
         *,
         retry_after_s: float = 1.0,
+        reason: str | None = None,
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
+        if reason is not None:
+            self.reason = reason
+
+
+class TenantRateLimited(OutOfCapacity):
+    """The tenant is over one of its plan's limits (or its gateway queue is full)."""
+
+    def __init__(
+        self, message: str, *, retry_after_s: float, reason: str, state: object = None
+    ) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, reason=reason)
+        # The `X-RateLimit-*` state to report (a `ratelimit.RateState`), if known.
+        self.state = state
+
+
+class RateLimiterUnavailable(BatchserveError):
+    """The shared limiter (Redis) is unreachable and the gateway fails closed."""
+
+    status = 503
+    code = 3040
+    openai_type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__("Rate limiter unavailable, please retry.", retry_after_s=1.0)
+
+
+class ModelNotInPlan(BatchserveError):
+    status = 403
+    code = 10000
+    openai_type = "permission_error"
+    gateway_layer = True
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"Authentication error: this token's plan does not include {model}")
 
 
 class MethodNotAllowed(BatchserveError):

@@ -127,6 +127,13 @@ class Settings(BaseSettings):
     default_temperature: float = Field(default=0.6, ge=0.0, le=5.0)
     non_stream_max_tokens: int = Field(default=1024, ge=1)
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # Special tokens (e.g. <|im_start|>) inside non-raw message content are plain text,
+    # so a user cannot forge a system turn; `raw: true` prompts keep full control.
+    chat_content_as_text: bool = True
+    # Workers AI streams: a random-length `p` field in every event (Cloudflare's mitigation
+    # of the token-length side channel), and `:` comments while no token has come yet.
+    stream_padding: bool = False
+    stream_heartbeat_s: float = Field(default=15.0, gt=0)
 
     # Engine admission: requests beyond this many in flight per replica get 429/3040.
     max_inflight_per_replica: int = Field(default=256, ge=1)
@@ -138,7 +145,26 @@ class Settings(BaseSettings):
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
 
+    # Observability: one JSON access log line per request (logger `batchserve.access`);
+    # `log_prompts` (debug only) adds prompt token ids and generated text to it.
+    access_log: bool = True
+    log_prompts: bool = False
+
     tenants_file: Path | None = None
+    # Shared tenant state (rate limits, usage) once there is more than one replica, e.g.
+    # redis://host:6379/0; None keeps it in the replica's memory. The Helm chart sets it.
+    redis_url: str | None = None
+    # Tenant limits (issue 5). Redis down: admit without counting (fail open) or answer
+    # 503 (fail closed); either way logged and counted in batchserve_ratelimit_errors_total.
+    rate_limit_fail_open: bool = True
+    redis_timeout_s: float = Field(default=0.25, gt=0)
+    # Fair sharing: requests wait in a bounded per-tenant queue when the replica is full.
+    queue_max_per_tenant: int = Field(default=64, ge=0)
+    queue_max_wait_s: float = Field(default=30.0, gt=0)
+    # Usage ledger without Redis: SQLite (WAL); default cache_dir/usage.sqlite3.
+    usage_ledger_path: Path | None = None
+    # How often the tenants file is checked for changes.
+    tenants_reload_s: float = Field(default=1.0, ge=0)
     dev_tenant: DevTenant | None = None
     # `batchserve up` only: a fixed dev token instead of the generated one. Never
     # sent to replicas (only its hash is, inside `dev_tenant`).

@@ -6,7 +6,9 @@ import json
 from typing import Any
 
 DONE = b"data: [DONE]\n\n"
-HEARTBEAT = b": keep-alive\n\n"
+# A bare comment line. Kept to one character on purpose: LangChain's CloudflareWorkersAI
+# json-decodes every line longer than len("data: ") (so `: keep-alive` would crash it).
+HEARTBEAT = b":\n\n"
 
 
 def event(payload: dict[str, Any]) -> bytes:

@@ -7,24 +7,36 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
+from serve.gateway.admission import RateHeadersMiddleware
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
 from serve.gateway.models_routes import models_router
+from serve.gateway.observer import Observability, RequestObserver
 from serve.gateway.openai_routes import openai_router
 from serve.gateway.request_id import RequestIdMiddleware
+from serve.gateway.request_record import record_of
+from serve.gateway.security_headers import SecurityHeadersMiddleware
+from serve.gateway.usage_routes import usage_router
 from serve.gateway.workers_ai_routes import workers_ai_router
 
 
-def build_app(ctx: GatewayContext) -> FastAPI:
+def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
     app = FastAPI(
         title="batchserve",
         summary="Workers AI text-generation API (and OpenAI chat) on vLLM",
         docs_url=None,
         redoc_url=None,
     )
+    # Inside the request id middleware: the observer's log line carries the id.
+    app.add_middleware(
+        RequestObserver, metrics=observability.metrics, access_log=observability.access_log
+    )
     app.add_middleware(RequestIdMiddleware, behind_serve=ctx.behind_serve)
+    app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(RateHeadersMiddleware)  # X-RateLimit-* from admission
 
     async def on_batchserve_error(request: Request, exc: Exception) -> Response:
+        record_of(request.scope).fail(exc)
         return error_response(as_batchserve_error(exc), dialect_of(request.url.path))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
@@ -37,6 +49,7 @@ def build_app(ctx: GatewayContext) -> FastAPI:
         else:
             err = BatchserveError(str(exc.detail))
             err.status = exc.status_code
+        record_of(request.scope).fail(err)
         return error_response(err, dialect_of(request.url.path))
 
     app.add_exception_handler(BatchserveError, on_batchserve_error)
@@ -46,6 +59,12 @@ def build_app(ctx: GatewayContext) -> FastAPI:
     app.include_router(workers_ai_router(ctx))
     app.include_router(models_router(ctx))
     app.include_router(openai_router(ctx))
+    app.include_router(usage_router(ctx))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        """Prometheus text exposition: gateway metrics and the engine's, replica-labelled."""
+        return observability.metrics_response()
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, object]:

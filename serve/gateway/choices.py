@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-from serve.errors import OutOfCapacity
+from serve.gateway.admission import Caller
 from serve.gateway.completion import Completion, CompletionService, PreparedRequest, Usage
 
 _SEED_SPAN = 2**64
@@ -31,11 +31,20 @@ class Choices:
     completions: Sequence[Completion]
 
     @classmethod
-    def start(cls, service: CompletionService, prepared: Sequence[PreparedRequest]) -> Choices:
+    async def start(
+        cls,
+        service: CompletionService,
+        prepared: Sequence[PreparedRequest],
+        caller: Caller | None = None,
+        *,
+        request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> Choices:
         """Admit all choices or none: n choices take n of the replica's slots."""
-        if service.inflight + len(prepared) > service.max_inflight:
-            raise OutOfCapacity(retry_after_s=service.retry_after_s)
-        return cls([service.start(p) for p in prepared])
+        completions = await service.start_all(
+            prepared, caller, request_id=request_id, headers_out=headers_out
+        )
+        return cls(completions)
 
     @property
     def usage(self) -> Usage:
@@ -43,6 +52,7 @@ class Choices:
         return Usage(
             self.completions[0].usage.prompt_tokens,
             sum(c.completion_tokens for c in self.completions),
+            max(c.cached_tokens for c in self.completions),
         )
 
     async def collect(self) -> list[str]:

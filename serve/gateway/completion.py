@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from serve.errors import ContextWindowExceeded, OutOfCapacity
+from serve.gateway.admission import Caller, Gate, Ticket
+from serve.gateway.request_record import RequestRecord
+from serve.metrics import GatewayMetrics, yes_no
 from serve.replica.engine import Engine, FinishReason, GenerateRequest, SamplingOptions
 
 # vLLM requires 0 < top_p <= 1 and repetition_penalty > 0; the Workers AI schema
@@ -22,12 +25,15 @@ from serve.replica.engine import Engine, FinishReason, GenerateRequest, Sampling
 # to the nearest value vLLM accepts.
 _MIN_TOP_P = 1e-6
 _MIN_REPETITION_PENALTY = 0.01
+# The schema allows temperature up to 5; vLLM accepts at most 2.
+_MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens found in the prefix cache
 
     @property
     def total_tokens(self) -> int:
@@ -39,6 +45,9 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
+
+    def as_openai_dict(self) -> dict[str, Any]:
+        return {**self.as_dict(), "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,8 @@ class PreparedRequest:
     stream: bool
     # max_tokens was lowered to the non-streaming cap.
     clamped: bool
+    # The HTTP request this generation belongs to (metrics labels, access log).
+    record: RequestRecord = field(default_factory=lambda: RequestRecord(dialect="workers_ai"))
 
 
 def plan_sampling(
@@ -95,7 +106,10 @@ def plan_sampling(
     repetition = asked.repetition_penalty
     options = SamplingOptions(
         max_tokens=max_tokens,
-        temperature=budget.default_temperature if asked.temperature is None else asked.temperature,
+        temperature=min(
+            budget.default_temperature if asked.temperature is None else asked.temperature,
+            _MAX_TEMPERATURE,
+        ),
         top_p=top_p,
         top_k=asked.top_k,
         seed=asked.seed,
@@ -119,28 +133,108 @@ class Completion:
     finish_reason: FinishReason | None = None
     started_at: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
+    last_token_at: float | None = None
+    # Tenant admission (limits, fair share, usage record), settled when deltas() ends.
+    ticket: Ticket | None = None
+    failed: bool = False
+    # Prompt tokens the engine found in its prefix cache.
+    cached_tokens: int = 0
 
     @property
     def usage(self) -> Usage:
-        return Usage(len(self.prepared.request.prompt_token_ids), self.completion_tokens)
+        prompt = len(self.prepared.request.prompt_token_ids)
+        return Usage(prompt, self.completion_tokens, self.cached_tokens)
 
     async def deltas(self) -> AsyncIterator[str]:
-        """Yield text deltas; aborts the engine request if the consumer stops early."""
-        self._service.inflight += 1
-        stream = self._service.engine.generate(self.prepared.request)
+        """Yield text deltas; aborts the engine request if the consumer stops early.
+
+        Per delta only a timestamp and a counter add; everything else is settled once
+        in `_settle`, on every exit path (finished, failed, client gone).
+        """
+        service, record, metrics = self._service, self.prepared.record, self._service.metrics
+        service.inflight += 1
+        generated = metrics.generated_tokens.labels(metrics.model, record.plan, record.dialect)
+        self._submit(record, metrics)
+        keep = record.output
+        stream = service.engine.generate(self.prepared.request)
+        finished = False
         try:
             async for delta in stream:
-                self.completion_tokens += delta.new_tokens
+                if delta.new_tokens:
+                    now = time.monotonic()
+                    if self.first_token_at is None:
+                        self.first_token_at = now
+                    self.last_token_at = now
+                    self.completion_tokens += delta.new_tokens
+                    generated.inc(delta.new_tokens)
                 if delta.finish_reason is not None:
                     self.finish_reason = delta.finish_reason
+                if delta.cached_tokens is not None:
+                    self.cached_tokens = delta.cached_tokens
                 if delta.text:
-                    if self.first_token_at is None:
-                        self.first_token_at = time.monotonic()
+                    if keep is not None:
+                        keep.append(delta.text)
                     yield delta.text
+            finished = True
+        except Exception as exc:
+            self.failed = True
+            record.fail(exc)
+            raise
         finally:
-            self._service.inflight -= 1
-            # Closing the engine stream is what aborts an unfinished engine request.
-            await stream.aclose()
+            service.inflight -= 1
+            self._settle(record, metrics, finished)
+            try:
+                # Closing the engine stream is what aborts an unfinished engine request.
+                await stream.aclose()
+            finally:
+                if self.ticket is not None:  # before the caller writes the last byte
+                    await self.ticket.finish(
+                        prompt_tokens=self.usage.prompt_tokens,
+                        completion_tokens=self.completion_tokens,
+                        status="ok" if finished else ("error" if self.failed else "aborted"),
+                        finish_reason=self.finish_reason,
+                        first_token_at=self.first_token_at,
+                    )
+
+    def _submit(self, record: RequestRecord, metrics: GatewayMetrics) -> None:
+        now = time.monotonic()
+        request = self.prepared.request
+        record.stream = self.prepared.stream
+        record.clamped = record.clamped or self.prepared.clamped
+        record.prompt_tokens = len(request.prompt_token_ids)
+        if record.output is not None:  # the log_prompts debug setting is on
+            record.prompt_token_ids = request.prompt_token_ids
+        if record.submitted_at is None:
+            record.submitted_at = now
+            metrics.prompt_tokens.labels(metrics.model, record.plan, record.dialect).inc(
+                record.prompt_tokens
+            )
+            metrics.queue_wait.labels(metrics.model, record.dialect).observe(
+                now - record.arrived_at
+            )
+        if self.prepared.stream:
+            metrics.inflight_streams.labels(metrics.model).inc()
+
+    def _settle(self, record: RequestRecord, metrics: GatewayMetrics, finished: bool) -> None:
+        model, dialect, stream = metrics.model, record.dialect, yes_no(self.prepared.stream)
+        if self.prepared.stream:
+            metrics.inflight_streams.labels(model).dec()
+        record.completion_tokens += self.completion_tokens
+        record.finish_reason = self.finish_reason or record.finish_reason
+        if not finished and record.failure is None:
+            record.disconnected = True
+        first, last = self.first_token_at, self.last_token_at
+        if first is None or last is None:
+            return
+        if record.first_token_at is None or first < record.first_token_at:
+            record.first_token_at = first
+        metrics.time_to_first_token.labels(model, dialect, stream).observe(
+            first - record.arrived_at
+        )
+        if self.completion_tokens > 1:
+            metrics.inter_token_latency.labels(model, dialect, stream).observe(
+                (last - first) / (self.completion_tokens - 1)
+            )
 
     async def collect(self) -> str:
         return "".join([text async for text in self.deltas()])
@@ -150,10 +244,21 @@ class CompletionService:
     """Admission and token budgets for one engine."""
 
     def __init__(
-        self, engine: Engine, budget: Budget, *, max_inflight: int, retry_after_s: float
+        self,
+        engine: Engine,
+        budget: Budget,
+        *,
+        max_inflight: int,
+        retry_after_s: float,
+        metrics: GatewayMetrics,
+        gate: Gate | None = None,
     ) -> None:
         self.engine = engine
+        # Tenant limits and the fair queue; None: only the in-flight cap below.
+        self.gate = gate
         self.budget = budget
+        self.metrics = metrics
+        metrics.track_inflight(lambda: self.inflight, max_inflight)
         self.max_inflight = max_inflight
         self.retry_after_s = retry_after_s
         self.inflight = 0
@@ -167,6 +272,7 @@ class CompletionService:
         asked: SamplingRequest,
         stream: bool,
         cache_salt: str | None,
+        record: RequestRecord | None = None,
     ) -> PreparedRequest:
         options, clamped = plan_sampling(
             asked, prompt_tokens=len(prompt_token_ids), stream=stream, budget=self.budget
@@ -177,11 +283,44 @@ class CompletionService:
             sampling=options,
             cache_salt=cache_salt,
         )
-        return PreparedRequest(request=request, stream=stream, clamped=clamped)
+        if record is None:
+            return PreparedRequest(request=request, stream=stream, clamped=clamped)
+        return PreparedRequest(request=request, stream=stream, clamped=clamped, record=record)
 
-    def start(self, prepared: PreparedRequest) -> Completion:
+    async def start(
+        self,
+        prepared: PreparedRequest,
+        caller: Caller | None = None,
+        *,
+        headers_out: dict[str, str] | None = None,
+    ) -> Completion:
         """Admit the request or refuse it with 429/3040 (never queue without bound)."""
-        if self.inflight >= self.max_inflight:
-            raise OutOfCapacity(retry_after_s=self.retry_after_s)
-        self.started_total += 1
-        return Completion(prepared=prepared, _service=self)
+        (completion,) = await self.start_all([prepared], caller, headers_out=headers_out)
+        return completion
+
+    async def start_all(
+        self,
+        prepared: Sequence[PreparedRequest],
+        caller: Caller | None = None,
+        *,
+        request_id: str | None = None,
+        headers_out: dict[str, str] | None = None,
+    ) -> list[Completion]:
+        """Admit all of one request's choices or none: the caller's plan limits, then a
+        fair share of this replica's slots (waiting in the caller's queue if need be)."""
+        ticket: Ticket | None = None
+        if self.gate is None or caller is None:
+            if self.inflight + len(prepared) > self.max_inflight:
+                raise OutOfCapacity(retry_after_s=self.retry_after_s, reason="queue_full")
+        else:
+            first = prepared[0].request
+            ticket = await self.gate.admit(
+                caller,
+                request_id or first.request_id,
+                prompt_tokens=len(first.prompt_token_ids),
+                max_tokens=first.sampling.max_tokens,
+                choices=len(prepared),
+                headers_out={} if headers_out is None else headers_out,
+            )
+        self.started_total += len(prepared)
+        return [Completion(prepared=p, _service=self, ticket=ticket) for p in prepared]

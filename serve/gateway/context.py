@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from starlette.requests import Request
+
 from serve.errors import UnknownModel
 from serve.gateway.auth import Authenticator
 from serve.gateway.completion import CompletionService
+from serve.gateway.ledger import UsageLedger
+from serve.gateway.request_record import record_of
 from serve.gateway.tenants import Tenant
 from serve.replica.engine import ChatMessage, Engine
 
@@ -21,6 +25,17 @@ class GatewayContext:
     replica_id: str = "local"
     # Inside a Ray Serve replica (Serve sets and echoes x-request-id itself).
     behind_serve: bool = False
+    # Workers AI streams: pad every event; heartbeat comments until the first token.
+    stream_padding: bool = False
+    stream_heartbeat_s: float = 15.0
+    # Where finished requests are recorded (the usage route reads it).
+    ledger: UsageLedger | None = None
+
+    def authenticate(self, request: Request, account_id: str | None) -> Tenant:
+        """The caller's tenant (also noted on the request's record for metrics and logs)."""
+        tenant = self.authenticator.authenticate(request.headers, account_id)
+        record_of(request.scope).tenant = tenant
+        return tenant
 
     def require_model(self, name: str) -> None:
         if name != self.model_name:

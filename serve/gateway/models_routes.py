@@ -27,12 +27,12 @@ def models_router(ctx: GatewayContext) -> APIRouter:
 
     @router.get("/v1/models")
     async def list_models(request: Request) -> dict[str, Any]:
-        ctx.authenticator.authenticate(request.headers, None)
+        ctx.authenticate(request, None)
         return {"object": "list", "data": [model_object()]}
 
     @router.get("/client/v4/accounts/{account_id}/ai/v1/models")
     async def list_account_models(request: Request, account_id: str) -> dict[str, Any]:
-        ctx.authenticator.authenticate(request.headers, account_id)
+        ctx.authenticate(request, account_id)
         return {"object": "list", "data": [model_object()]}
 
     def one_model(model: str) -> dict[str, Any]:
@@ -41,12 +41,12 @@ def models_router(ctx: GatewayContext) -> APIRouter:
 
     @router.get("/v1/models/{model:path}")
     async def get_model(request: Request, model: str) -> dict[str, Any]:
-        ctx.authenticator.authenticate(request.headers, None)
+        ctx.authenticate(request, None)
         return one_model(model)
 
     @router.get("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}")
     async def get_account_model(request: Request, account_id: str, model: str) -> dict[str, Any]:
-        ctx.authenticator.authenticate(request.headers, account_id)
+        ctx.authenticate(request, account_id)
         return one_model(model)
 
     return router

@@ -20,12 +20,14 @@ from starlette.responses import Response, StreamingResponse
 
 from serve import sse
 from serve.errors import BadInput
+from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.choices import Choices, choice_request_id, choice_seed
 from serve.gateway.completion import SamplingRequest
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.request_id import mark_reached_inference
+from serve.gateway.request_record import record_of
 from serve.gateway.tenants import Tenant
 from serve.protocol.openai import (
     ChatCompletionRequest,
@@ -89,7 +91,7 @@ async def sse_stream(
         yield sse.DONE
         return
     if include_usage:
-        yield sse.event(usage_chunk(meta, choices.usage.as_dict()))
+        yield sse.event(usage_chunk(meta, choices.usage.as_openai_dict()))
     yield sse.DONE
 
 
@@ -111,10 +113,17 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
                 asked=replace(asked, seed=choice_seed(body.seed, i)),
                 stream=body.stream,
                 cache_salt=tenant_salt,
+                record=record_of(request.scope),
             )
             for i in range(body.n)
         ]
-        choices = Choices.start(ctx.completions, prepared)
+        choices = await Choices.start(
+            ctx.completions,
+            prepared,
+            Caller.of(tenant, request.path_params.get("account_id"), ctx.model_name),
+            request_id=request_id,
+            headers_out=rate_headers(request.scope),
+        )
         prefix = "chatcmpl-" if isinstance(body, ChatCompletionRequest) else "cmpl-"
         meta = ResponseMeta(
             id=prefix + request_id.replace("-", ""),
@@ -133,7 +142,7 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
         texts = await choices.collect()
         finished = [finish_reason(c.finish_reason) for c in choices.completions]
         result = completion_object(
-            meta, list(zip(texts, finished, strict=True)), choices.usage.as_dict()
+            meta, list(zip(texts, finished, strict=True)), choices.usage.as_openai_dict()
         )
         return Response(
             json.dumps(result, ensure_ascii=False, separators=(",", ":")),
@@ -143,9 +152,7 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
 
     def authenticate(request: Request) -> Tenant:
         # The bare /v1 routes have no account in the path: any account of the token.
-        return ctx.authenticator.authenticate(
-            request.headers, request.path_params.get("account_id")
-        )
+        return ctx.authenticate(request, request.path_params.get("account_id"))
 
     async def chat_completions(request: Request) -> Response:
         tenant = authenticate(request)

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from typing import Any
+import secrets
+from collections.abc import AsyncGenerator, Callable
+from typing import Any, Final
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response, StreamingResponse
 
 from serve import sse
 from serve.errors import LoraUnsupported
+from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.completion import Completion, SamplingRequest
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
+from serve.gateway.keepalive import heartbeat_until_first
 from serve.gateway.request_id import mark_reached_inference
+from serve.gateway.request_record import record_of
 from serve.protocol.workers_ai import RunInput, parse_json_body, parse_run_input, published_schema
 
 RUN_PATH = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
 SCHEMA_PATH = "/client/v4/accounts/{account_id}/ai/models/schema"
 CAP_NOTE_CODE = 5022
+# Cloudflare's padding alphabet for the `p` field of stream events.
+PAD_ALPHABET: Final = "abdefghijklmnoprstuvxyz1234567890"
 
 
 def envelope(result: dict[str, Any], messages: list[dict[str, Any]]) -> Response:
@@ -70,18 +76,27 @@ def sampling_of(run: RunInput) -> SamplingRequest:
     )
 
 
-async def sse_stream(completion: Completion) -> AsyncIterator[bytes]:
+def padded_event(payload: dict[str, Any]) -> bytes:
+    """An event with a random-length `p` field, so frame sizes do not reveal token lengths."""
+    pad = PAD_ALPHABET[: 1 + secrets.randbelow(len(PAD_ALPHABET))]
+    return sse.event({**payload, "p": pad})
+
+
+async def sse_stream(
+    completion: Completion, *, padding: bool = False
+) -> AsyncGenerator[bytes, None]:
     """Workers AI SSE: `{"response": delta}` events, a usage event, then [DONE]."""
+    event: Callable[[dict[str, Any]], bytes] = padded_event if padding else sse.event
     try:
         async for text in completion.deltas():
-            yield sse.event({"response": text})
+            yield event({"response": text})
     except Exception as exc:
         # Failure after the first byte: one error event, then [DONE].
         err = as_batchserve_error(exc)
-        yield sse.event({"response": "", **error_body(err, Dialect.WORKERS_AI)})
+        yield event({"response": "", **error_body(err, Dialect.WORKERS_AI)})
         yield sse.DONE
         return
-    yield sse.event(
+    yield event(
         {
             "response": "",
             "usage": completion.usage.as_dict(),
@@ -96,7 +111,7 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
 
     @router.post(RUN_PATH)
     async def run(request: Request, account_id: str, model: str) -> Response:
-        tenant = ctx.authenticator.authenticate(request.headers, account_id)
+        tenant = ctx.authenticate(request, account_id)
         ctx.require_model(model)
         run_input = parse_run_input(parse_json_body(await read_body(request, ctx.max_body_bytes)))
         if run_input.lora is not None:
@@ -113,10 +128,20 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
             asked=sampling_of(run_input),
             stream=run_input.stream,
             cache_salt=ctx.cache_salt(tenant),
+            record=record_of(request.scope),
         )
-        completion = ctx.completions.start(prepared)
+        completion = await ctx.completions.start(
+            prepared,
+            Caller.of(tenant, account_id, model),
+            headers_out=rate_headers(request.scope),
+        )
         if run_input.stream:
-            return StreamingResponse(sse_stream(completion), media_type="text/event-stream")
+            frames = sse_stream(completion, padding=ctx.stream_padding)
+            return StreamingResponse(
+                heartbeat_until_first(frames, ctx.stream_heartbeat_s),
+                # Exactly `text/event-stream`, as the hosted API sends it (no charset).
+                headers={"content-type": "text/event-stream"},
+            )
         text = await completion.collect()
         notes = [cap_note(ctx.completions.budget.non_stream_max_tokens)] if prepared.clamped else []
         result = {
@@ -128,7 +153,7 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
 
     @router.get(SCHEMA_PATH)
     async def schema(request: Request, account_id: str, model: str) -> Response:
-        ctx.authenticator.authenticate(request.headers, account_id)
+        ctx.authenticate(request, account_id)
         ctx.require_model(model)
         return envelope(published_schema(), [])
 

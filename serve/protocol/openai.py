@@ -243,7 +243,7 @@ def finish_reason(reason: str | None) -> str:
 
 
 def completion_object(
-    meta: ResponseMeta, choices: Sequence[tuple[str, str]], usage: Mapping[str, int]
+    meta: ResponseMeta, choices: Sequence[tuple[str, str]], usage: Mapping[str, Any]
 ) -> dict[str, Any]:
     """`chat.completion` or `text_completion`; `choices` holds (text, finish_reason)."""
     out = []
@@ -283,6 +283,6 @@ def chunk_object(
     return chunk
 
 
-def usage_chunk(meta: ResponseMeta, usage: Mapping[str, int]) -> dict[str, Any]:
+def usage_chunk(meta: ResponseMeta, usage: Mapping[str, Any]) -> dict[str, Any]:
     """The last chunk when `stream_options.include_usage` is set: no choices, the totals."""
     return {**meta.head(meta.chunk_object), "choices": [], "usage": dict(usage)}

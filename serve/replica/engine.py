@@ -54,6 +54,8 @@ class TokenDelta:
     text: str
     new_tokens: int
     finish_reason: FinishReason | None = None
+    # Prompt tokens served from the prefix cache (known once the prompt is scheduled).
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

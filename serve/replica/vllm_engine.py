@@ -17,6 +17,7 @@ from serve.replica.engine import (
     SamplingOptions,
     TokenDelta,
 )
+from serve.replica.prompting import encode_chat
 from serve.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,9 @@ def vllm_version() -> str:
 class VllmEngine:
     """One `AsyncLLM` with delta output, owned by one replica."""
 
-    def __init__(self, spec: ModelSpec, *, cpu_kv_cache_gib: int = 2) -> None:
+    def __init__(
+        self, spec: ModelSpec, *, cpu_kv_cache_gib: int = 2, content_as_text: bool = True
+    ) -> None:
         # vllm reads this at engine start; it only matters for the CPU backend.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -64,6 +67,7 @@ class VllmEngine:
         )
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer: Any = self._llm.get_tokenizer()
+        self._content_as_text = content_as_text
         # The window is the smaller of the catalog's and what the engine really holds.
         window = min(spec.context_window, int(self._llm.model_config.max_model_len))
         self._info = EngineInfo(
@@ -77,12 +81,7 @@ class VllmEngine:
         return self._info
 
     def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        text = self._tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        return list(self._tokenizer.encode(text, add_special_tokens=False))
+        return encode_chat(self._tokenizer, messages, content_as_text=self._content_as_text)
 
     def encode_raw(self, prompt: str) -> list[int]:
         return list(self._tokenizer.encode(prompt, add_special_tokens=False))
@@ -106,10 +105,12 @@ class VllmEngine:
                         text=completion.text,
                         new_tokens=len(completion.token_ids),
                         finish_reason=reason if out.finished else None,
+                        cached_tokens=out.num_cached_tokens,
                     )
             except Exception as exc:  # the engine's own errors become ours
                 if isinstance(exc, VLLMClientError):  # e.g. a response_format schema it refuses
                     raise BadInput(str(exc)) from exc
+                log.error("engine request %s failed", request.request_id, exc_info=exc)
                 if self._llm.errored:
                     raise EngineUnavailable("AiError: The inference engine died") from exc
                 raise EngineFailure() from exc

@@ -16,9 +16,14 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+import yaml
+
+from serve.gateway.tenants import hash_token
 
 TOKEN = "cluster-tier-token"
 ACCOUNT = "dev-account"
+# Two more tenants (test_tenant_isolation.py): tenant -> (token, account).
+TENANTS = {"a": ("cluster-token-tenant-a", "acct-a"), "b": ("cluster-token-tenant-b", "acct-b")}
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 START_TIMEOUT_S = 420
 
@@ -68,11 +73,25 @@ def _healthy(url: str) -> bool:
 def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     work = tmp_path_factory.mktemp("cluster")
     port, base = _free_port(), _free_port_pair()
+    tenants_file = work / "tenants.yaml"
+    entries = [("dev", TOKEN, ACCOUNT), *((t, tok, acct) for t, (tok, acct) in TENANTS.items())]
+    tenants_file.write_text(
+        yaml.safe_dump(
+            {
+                "tenants": [
+                    {"id": t, "accounts": [acct], "tokens": [{"sha256": hash_token(tok)}]}
+                    for t, tok, acct in entries
+                ]
+            }
+        )
+    )
     env = {
         **os.environ,
         "BATCHSERVE_DEV_TOKEN": TOKEN,
         "BATCHSERVE_CACHE_DIR": str(work / "cache"),
         "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
+        # A small non-streaming cap, so the clamp test stays quick (test_clients.py).
+        "BATCHSERVE_NON_STREAM_MAX_TOKENS": "64",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # Serve gives each replica its own HTTP port from this range; the tests read
@@ -82,7 +101,8 @@ def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     }
     log = work / "batchserve-up.log"
     cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--port", str(port),
-           "--model", str(tiny_qwen2_dir), "--replicas", "2"]  # fmt: skip
+           "--model", str(tiny_qwen2_dir), "--replicas", "2",
+           "--tenants-file", str(tenants_file)]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,9 +19,12 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture
-def settings() -> Settings:
+def settings(tmp_path: Path) -> Settings:
     return Settings.model_validate(
         {
+            "cache_dir": str(tmp_path / "cache"),
+            # Beyond the 4 in-flight slots, a request gets 429 at once (no gateway queue).
+            "queue_max_per_tenant": 0,
             "models": [m.model_dump() for m in cpu_catalog("/nonexistent")],
             "dev_tenant": DevTenant(
                 tenant_id="t1", account_id=ACCOUNT, token_sha256=hash_token(TOKEN)

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 
+from serve.cluster import build_gateway
+from serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, RUN_URL
+from tests.unit.test_workers_ai_schema import RANGES
 
 
 def assert_envelope(r: httpx.Response, status: int, code: int) -> dict[str, object]:
@@ -16,7 +20,7 @@ def assert_envelope(r: httpx.Response, status: int, code: int) -> dict[str, obje
     assert body["success"] is False
     assert body["messages"] == []
     assert body["errors"][0]["code"] == code
-    assert "x-request-id" in r.headers
+    assert r.headers["x-request-id"] and r.headers["cf-ray"] == r.headers["x-request-id"]
     return body
 
 
@@ -98,3 +102,99 @@ async def test_capacity_429(client: httpx.AsyncClient, engine: FakeEngine) -> No
     assert refused, statuses
     assert_envelope(refused[0], 429, 3040)
     assert int(refused[0].headers["Retry-After"]) >= 1
+
+
+@pytest.mark.parametrize("branch", ["prompt", "messages"])
+@pytest.mark.parametrize(("field", "value", "ok"), RANGES)
+async def test_range_boundaries_over_http(
+    client: httpx.AsyncClient, branch: str, field: str, value: float, ok: bool
+) -> None:
+    """Every range of the schema: the boundary is served, one past it is 400/5006."""
+    base = (
+        {"prompt": "hi"}
+        if branch == "prompt"
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    r = await client.post(RUN_URL, headers=AUTH, json={**base, field: value, "max_tokens": 1})
+    if ok:
+        assert r.status_code == 200, r.text
+    else:
+        message = assert_envelope(r, 400, 5006)["errors"][0]["message"]  # type: ignore[index]
+        assert message.startswith(f"AiError: Bad input: '/{field}' must be ")
+
+
+async def test_context_window_exceeded(settings: Settings) -> None:
+    app = build_gateway(settings, FakeEngine(context_window=100))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        body = {"prompt": "x" * 50, "max_tokens": 34, "stream": True}  # 67 prompt tokens
+        r = await c.post(RUN_URL, headers=AUTH, json=body)
+    err = assert_envelope(r, 413, 5021)
+    assert err["result"] == {}
+    assert err["errors"][0]["message"] == (  # type: ignore[index]
+        "AiError: The estimated number of input and maximum output tokens (101) "
+        "exceeded this model context window limit (100)."
+    )
+
+
+async def test_body_too_large_is_not_parsed(client: httpx.AsyncClient) -> None:
+    """Over the limit is 413/3006 even when the body is not JSON, declared length or not."""
+    limit = 4 * 1024 * 1024
+
+    async def chunked() -> AsyncIterator[bytes]:  # no Content-Length: counted while read
+        for _ in range(5):
+            yield b"x" * (limit // 4)
+
+    r = await client.post(RUN_URL, headers=AUTH, content=chunked())
+    assert "content-length" not in r.request.headers
+    assert_envelope(r, 413, 3006)
+    r = await client.post(RUN_URL, headers=AUTH, content=b"not json" * (limit // 8 + 1))
+    assert_envelope(r, 413, 3006)
+
+
+async def test_engine_failure(client: httpx.AsyncClient, engine: FakeEngine) -> None:
+    engine.fail_after = 0
+    r = await client.post(RUN_URL, headers=AUTH, json={"prompt": "x"})
+    body = assert_envelope(r, 500, 3008)
+    assert body["result"] == {}
+    assert r.headers["cf-ai-req-id"]
+
+
+# The 408 timeout row of the error table belongs to the request-timeout work (issue 9).
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        "@cf/../../etc/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%40cf%2Fmeta%2F..%2F..%2Fqwen",
+        "@cf/qwen/" + "x" * 5000,
+        "/tmp/model",
+    ],
+)
+async def test_hostile_model_names_are_unknown(client: httpx.AsyncClient, model: str) -> None:
+    r = await client.post(
+        f"/client/v4/accounts/{ACCOUNT}/ai/run/{model}", headers=AUTH, json={"prompt": "x"}
+    )
+    assert r.status_code in (400, 404), r.text
+    assert r.json()["errors"][0]["code"] in (5007, 7003)
+
+
+async def test_url_encoded_model_name_is_the_model(client: httpx.AsyncClient) -> None:
+    """Clients that percent-encode the name (encodeURIComponent) reach the same model."""
+    r = await client.post(
+        f"/client/v4/accounts/{ACCOUNT}/ai/run/%40cf%2Fqwen%2Fqwen1.5-1.8b-chat",
+        headers=AUTH,
+        json={"prompt": "x", "max_tokens": 1},
+    )
+    assert r.status_code == 200, r.text
+
+
+async def test_security_headers_everywhere(client: httpx.AsyncClient) -> None:
+    for r in (
+        await client.post(RUN_URL, headers=AUTH, json={"prompt": "x", "max_tokens": 1}),
+        await client.post(RUN_URL, json={"prompt": "x"}),
+        await client.get("/nowhere"),
+    ):
+        assert r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["cache-control"] == "no-store"

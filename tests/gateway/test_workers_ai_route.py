@@ -40,7 +40,7 @@ async def test_streaming_frames(client: httpx.AsyncClient) -> None:
         json={"messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4},
     )
     assert r.status_code == 200
-    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["content-type"] == "text/event-stream"
     events = sse_events(r.text)
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]
@@ -67,6 +67,21 @@ async def test_body_without_content_type_is_json(client: httpx.AsyncClient) -> N
     assert r.status_code == 200, r.text
 
 
+async def test_no_content_type_and_unknown_query_parameters(
+    client: httpx.AsyncClient, engine: FakeEngine
+) -> None:
+    r = await client.post(
+        RUN_URL,
+        params={"stream": "true", "max_tokens": "1", "utm": "x"},
+        headers=AUTH,
+        content=b'{"prompt": "hi", "max_tokens": 2}',
+    )
+    assert "content-type" not in r.request.headers
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"  # the query's stream is ignored
+    assert engine.requests[-1].sampling.max_tokens == 2
+
+
 async def test_defaults_applied(client: httpx.AsyncClient, engine: FakeEngine) -> None:
     await client.post(RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True})
     sampling = engine.requests[-1].sampling
@@ -82,6 +97,9 @@ async def test_vllm_illegal_values_mapped(client: httpx.AsyncClient, engine: Fak
     body = {"prompt": "hi", "top_p": 2, "max_tokens": 1}
     assert (await client.post(RUN_URL, headers=AUTH, json=body)).status_code == 200
     assert engine.requests[-1].sampling.top_p == 1.0
+    body = {"prompt": "hi", "temperature": 5, "max_tokens": 1}
+    assert (await client.post(RUN_URL, headers=AUTH, json=body)).status_code == 200
+    assert engine.requests[-1].sampling.temperature == 2.0
 
 
 async def test_non_stream_cap_clamps_and_says_so(client: httpx.AsyncClient) -> None:

@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import json
-import types
-from collections.abc import Iterator
 from typing import Any
 
-import hypothesis.internal.conjecture.utils as conjecture_utils
-import hypothesis_jsonschema._from_schema as hypothesis_jsonschema_impl
 import jsonschema
 import pytest
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
-from hypothesis_jsonschema import from_schema
 
 from serve.errors import BadInput
 from serve.protocol.workers_ai import (
@@ -27,10 +20,10 @@ from serve.protocol.workers_ai import (
     validate,
 )
 from serve.replica.engine import ChatMessage
+from tests.schema_strategies import NEAR_BODIES, ORACLE, schema_bodies, subschemas
 
 PROMPT: dict[str, Any] = {"prompt": "Hello"}
 MESSAGES: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello"}]}
-ORACLE = jsonschema.Draft202012Validator(INPUT_SCHEMA)
 
 
 def reason_of(body: object) -> str:
@@ -47,20 +40,6 @@ def accepted(body: object) -> bool:
 
 
 # -- the schema itself ------------------------------------------------------------------
-
-
-def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
-    if isinstance(schema, dict):
-        yield schema
-        for key, sub in schema.items():
-            if key == "properties":
-                for prop in sub.values():
-                    yield from _subschemas(prop)
-            elif key in ("items", "oneOf"):
-                yield from _subschemas(sub)
-    elif isinstance(schema, list):
-        for sub in schema:
-            yield from _subschemas(sub)
 
 
 def test_schema_is_valid_and_uses_only_keywords_the_validator_knows() -> None:
@@ -81,7 +60,7 @@ def test_schema_is_valid_and_uses_only_keywords_the_validator_knows() -> None:
         "description",
         "default",
     }
-    for sub in _subschemas(INPUT_SCHEMA):
+    for sub in subschemas(INPUT_SCHEMA):
         assert set(sub) <= known, set(sub) - known
         assert "additionalProperties" not in sub
 
@@ -432,37 +411,9 @@ def test_parse_json_body_accepts() -> None:
 
 # -- property tests ----------------------------------------------------------------------
 
-if not hasattr(conjecture_utils.many, "more"):
-
-    class _LegacyMany(conjecture_utils.many):
-        """hypothesis-jsonschema 0.23.1 drives `many` with `more()`, which newer Hypothesis
-        replaced by `with many(...) as e: for _ in e:`. Only that library sees this shim."""
-
-        _steps: Iterator[None] | None = None
-
-        def more(self) -> bool:
-            if self._steps is None:
-                self.__enter__()
-                self._steps = iter(self)
-            if next(self._steps, False) is None:
-                return True
-            self.__exit__(None)
-            return False
-
-    shim = types.SimpleNamespace(many=_LegacyMany)
-    hypothesis_jsonschema_impl.cu = shim  # type: ignore[attr-defined,assignment]
-
-
-def _capped(schema: Any, cap: int = 40) -> Any:
-    schema = copy.deepcopy(schema)
-    for sub in _subschemas(schema):
-        if "maxLength" in sub:
-            sub["maxLength"] = min(sub["maxLength"], cap)
-    return schema
-
 
 @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-@given(from_schema(_capped(INPUT_SCHEMA)))
+@given(schema_bodies())
 def test_generated_valid_inputs_are_accepted(body: dict[str, Any]) -> None:
     run = parse_run_input(body)
     assert (run.prompt is None) != (run.messages is None)
@@ -470,81 +421,8 @@ def test_generated_valid_inputs_are_accepted(body: dict[str, Any]) -> None:
         assert len(run.messages) == len(body["messages"])
 
 
-def _names(schema: Any) -> set[str]:
-    return {name for sub in _subschemas(schema) for name in sub.get("properties", {})}
-
-
-KEYS = st.sampled_from(sorted(_names(INPUT_SCHEMA) | {"x", "stop"}))
-EDGES = [0, 1, 2, 5, 50, 51, -0.01, 0.6, 2.01, 5.01, 2.0, 9999999999, 10000000000, 256]
-SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.sampled_from(EDGES)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=4)
-    | st.sampled_from(["", "user", "json_object", "json_schema"])
-)
-VALUES = st.recursive(
-    SCALARS,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=4),
-    max_leaves=12,
-)
-
-
-def _mostly(common: st.SearchStrategy[Any], rare: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-    return st.integers(0, 11).flatmap(lambda roll: rare if roll == 0 else common)
-
-
-def _near(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
-    """Values around what `schema` accepts: mostly valid, sometimes just out, or noise."""
-    kinds = schema.get("type", "object")
-    valid: list[st.SearchStrategy[Any]] = []
-    invalid: list[st.SearchStrategy[Any]] = [VALUES]
-    for kind in [kinds] if isinstance(kinds, str) else kinds:
-        low, high = schema.get("minimum", -(10**12)), schema.get("maximum", 10**12)
-        if kind in ("integer", "number"):
-            valid += [st.integers(low, high), st.sampled_from([low, high])]
-            invalid.append(st.sampled_from([low - 1, high + 1]))
-        if kind == "number":
-            valid.append(st.floats(low, high))
-            invalid.append(st.sampled_from([low - 0.01, high + 0.01]))
-        if kind == "string":
-            valid.append(
-                st.sampled_from(schema["enum"])
-                if "enum" in schema
-                else st.text(min_size=schema.get("minLength", 0), max_size=3)
-            )
-            invalid.append(st.sampled_from(["", "x"]))
-        if kind == "boolean":
-            valid.append(st.booleans())
-        if kind == "null":
-            valid.append(st.none())
-        if kind == "array":
-            valid.append(st.lists(_near(schema.get("items", {})), max_size=3))
-        if kind == "object":
-            props = {name: _near(sub) for name, sub in schema.get("properties", {}).items()}
-            required = {name: props.pop(name) for name in schema.get("required", [])}
-            valid.append(st.fixed_dictionaries(required, optional=props))
-            invalid.append(st.fixed_dictionaries({}, optional={**required, **props}))
-    return _mostly(st.one_of(valid) if valid else VALUES, st.one_of(invalid))
-
-
-def _merge(parts: tuple[Any, ...]) -> Any:
-    dicts = [part for part in parts if isinstance(part, dict)]
-    return {key: value for part in dicts for key, value in part.items()}
-
-
-BRANCH_BODIES = st.sampled_from(INPUT_SCHEMA["oneOf"]).flatmap(_near)
-EXTRA_KEYS = st.dictionaries(KEYS | st.text(max_size=3), VALUES, max_size=3)
-BODIES = _mostly(
-    st.tuples(BRANCH_BODIES, EXTRA_KEYS).map(_merge),
-    VALUES | st.tuples(*map(_near, INPUT_SCHEMA["oneOf"]), EXTRA_KEYS).map(_merge),
-)
-
-
 @settings(max_examples=500, deadline=None)
-@given(BODIES)
+@given(NEAR_BODIES)
 def test_validator_agrees_with_jsonschema(body: Any) -> None:
     ours = validate(body)
     assert (not ours) == ORACLE.is_valid(body), (body, ours)

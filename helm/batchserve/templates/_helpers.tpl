@@ -1,0 +1,137 @@
+{{/* Chart name. */}}
+{{- define "batchserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Resource name prefix. Kept short: KubeRay appends suffixes to the RayService name. */}}
+{{- define "batchserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Selector labels shared by every pod of the release. */}}
+{{- define "batchserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "batchserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every resource. */}}
+{{- define "batchserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "batchserve.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: batchserve
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* The pinned application image. */}}
+{{- define "batchserve.image" -}}
+{{- if or (not .Values.image.tag) (eq (toString .Values.image.tag) "latest") -}}
+{{- fail "image.tag must be a pinned version, never empty or latest" -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.image.repository (toString .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "batchserve.tenantsSecretName" -}}
+{{- default (printf "%s-tenants" (include "batchserve.fullname" .)) .Values.tenants.existingSecret -}}
+{{- end -}}
+
+{{- define "batchserve.modelCacheClaimName" -}}
+{{- default (printf "%s-model-cache" (include "batchserve.fullname" .)) .Values.modelCache.pvc.existingClaim -}}
+{{- end -}}
+
+{{- define "batchserve.redisName" -}}
+{{- printf "%s-redis" (include "batchserve.fullname" .) -}}
+{{- end -}}
+
+{{/* The Redis URL the application gets: the in-chart Redis, the external one, or nothing. */}}
+{{- define "batchserve.redisUrl" -}}
+{{- if .Values.redis.enabled -}}
+{{- printf "redis://%s.%s.svc:%d/0" (include "batchserve.redisName" .) .Release.Namespace (int .Values.redis.port) -}}
+{{- else if .Values.redis.externalUrl -}}
+{{- .Values.redis.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The Serve config (serveConfigV2 of the RayService; also deploy/serve-config.yaml, generated from
+this by `make chart-sync`). `args` are serve/settings.py Settings fields.
+*/}}
+{{- define "batchserve.serveConfig" -}}
+{{- $args := deepCopy .Values.serve.settings -}}
+{{- $_ := set $args "cache_dir" .Values.modelCache.mountPath -}}
+{{- if .Values.tenants.enabled -}}
+{{- $_ := set $args "tenants_file" (printf "%s/%s" .Values.tenants.mountPath .Values.tenants.key) -}}
+{{- end -}}
+{{- $redisUrl := include "batchserve.redisUrl" . -}}
+{{- if $redisUrl -}}
+{{- $_ := set $args "redis_url" $redisUrl -}}
+{{- end -}}
+{{- $deployment := dict "name" .Values.serve.deploymentName -}}
+{{- with .Values.serve.autoscaling -}}
+{{- if .enabled -}}
+{{- if gt (int .minReplicas) (int .maxReplicas) -}}
+{{- fail "serve.autoscaling.minReplicas must not exceed maxReplicas" -}}
+{{- end -}}
+{{- $_ := set $deployment "num_replicas" "auto" -}}
+{{- $_ := set $deployment "autoscaling_config" (dict "min_replicas" (int .minReplicas) "max_replicas" (int .maxReplicas) "target_ongoing_requests" .targetOngoingRequests "upscale_delay_s" .upscaleDelayS "downscale_delay_s" .downscaleDelayS) -}}
+{{- end -}}
+{{- end -}}
+{{- $app := dict "name" .Values.serve.appName "import_path" .Values.serve.importPath "route_prefix" .Values.serve.routePrefix "args" $args "deployments" (list $deployment) -}}
+{{- $config := dict "proxy_location" "EveryNode" "http_options" (dict "host" "0.0.0.0" "port" (int .Values.serve.port)) "applications" (list $app) -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/* Environment of every Ray container. */}}
+{{- define "batchserve.rayEnv" -}}
+# Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app (no proxy-actor hop).
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- if gt (int .Values.monitoring.replicaMetricsPort) 0 }}
+# Replicas' own HTTP ports start here (the first replica of a pod gets exactly this one).
+- name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
+  value: {{ .Values.monitoring.replicaMetricsPort | int | toString | quote }}
+{{- end }}
+- name: HOME
+  value: /tmp/home
+- name: XDG_CACHE_HOME
+  value: /tmp/cache
+- name: HF_HOME
+  value: {{ printf "%s/huggingface" .Values.modelCache.mountPath | quote }}
+{{- if eq .Values.serve.settings.profile "cpu" }}
+- name: VLLM_CPU_KVCACHE_SPACE
+  value: {{ default 2 .Values.serve.settings.cpu_kv_cache_gib | int | toString | quote }}
+{{- end }}
+{{- with .Values.hfToken.existingSecret }}
+- name: HF_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ . }}
+      key: {{ $.Values.hfToken.key }}
+{{- end }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by head and workers. */}}
+{{- define "batchserve.podCommon" -}}
+terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}

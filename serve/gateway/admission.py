@@ -1,0 +1,211 @@
+"""Admission of one request: its tenant's limits, a fair share of the replica, and its
+usage record.
+
+`Gate.admit` counts the request against the tenant's plan (`RateLimiter`), then
+waits for engine slots in the tenant's queue (`FairQueue`). The returned
+`Ticket` travels with the request's completions; when the last one ends, on
+any exit path, the ticket settles the real token usage, frees the slots and
+writes the usage record, all before the response's last byte is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serve.errors import ModelNotInPlan, TenantRateLimited
+from serve.gateway.fair_queue import FairQueue, Lease
+from serve.gateway.ledger import UsageLedger, UsageRecord
+from serve.gateway.ratelimit import RateLimiter, RateState, Reservation
+from serve.gateway.tenants import Tenant
+
+log = logging.getLogger(__name__)
+
+RATE_HEADERS_KEY = "batchserve_rate_headers"
+_STATUS_RANK = {"ok": 0, "aborted": 1, "error": 2}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is for: the tenant, the account it is billed to, the model."""
+
+    tenant: Tenant
+    account_id: str
+    model: str
+
+    @classmethod
+    def of(cls, tenant: Tenant, account_id: str | None, model: str) -> Caller:
+        # The bare /v1 routes carry no account: bill the tenant's first account.
+        account = account_id or min(tenant.accounts, default=tenant.tenant_id)
+        return cls(tenant, account, model)
+
+
+def rate_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
+    """The response headers admission reports into (sent by `RateHeadersMiddleware`)."""
+    state: dict[str, Any] = scope.setdefault("state", {})
+    headers: dict[str, str] = state.setdefault(RATE_HEADERS_KEY, {})
+    return headers
+
+
+class RateHeadersMiddleware:
+    """Adds the `X-RateLimit-*` headers admission computed (pure ASGI: streams stay unbuffered)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_limits(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                extra = scope.get("state", {}).get(RATE_HEADERS_KEY)
+                if extra:
+                    headers = list(message.get("headers", []))
+                    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_limits)
+
+
+@dataclass
+class Ticket:
+    """One admitted request; `finish` is called once per completion (choice)."""
+
+    gate: Gate
+    caller: Caller
+    request_id: str
+    reservation: Reservation
+    lease: Lease
+    pending: int
+    started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+    status: str = "ok"
+    finish_reason: str = ""
+    done: bool = False
+
+    async def finish(
+        self,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        status: str,
+        finish_reason: str | None,
+        first_token_at: float | None,
+    ) -> None:
+        """One completion ended; the last one settles, frees and records."""
+        self.prompt_tokens = prompt_tokens  # the prompt counts once for all choices
+        self.completion_tokens += completion_tokens
+        if _STATUS_RANK.get(status, 2) > _STATUS_RANK.get(self.status, 2):
+            self.status = status
+        self.finish_reason = self.finish_reason or (finish_reason or "")
+        if first_token_at is not None and (
+            self.first_token_at is None or first_token_at < self.first_token_at
+        ):
+            self.first_token_at = first_token_at
+        self.pending -= 1
+        if self.pending > 0 or self.done:
+            return
+        self.done = True
+        await self.gate.close(self)
+
+    def record(self) -> UsageRecord:
+        ended = time.time()
+        ttft = None
+        if self.first_token_at is not None:  # monotonic, like started_mono
+            ttft = max(0.0, self.first_token_at - self.started_mono)
+        return UsageRecord(
+            request_id=self.request_id,
+            tenant_id=self.caller.tenant.tenant_id,
+            account_id=self.caller.account_id,
+            model=self.caller.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            status=self.status,
+            finish_reason=self.finish_reason or ("abort" if self.status != "ok" else "stop"),
+            started_at=self.started_at,
+            ended_at=ended,
+            ttft_s=ttft,
+        )
+
+    def __del__(self) -> None:
+        # Never iterated (client gone before the stream started): free the slots now
+        # and settle in the background.
+        if not self.done:
+            self.done = True
+            self.lease.release()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            self.status = "aborted"
+            self.gate.background(loop.create_task(self.gate.close(self)))
+
+
+class Gate:
+    """Tenant limits + fair queue + ledger, composed once per replica."""
+
+    def __init__(self, limiter: RateLimiter, queue: FairQueue, ledger: UsageLedger) -> None:
+        self.limiter = limiter
+        self.queue = queue
+        self.ledger = ledger
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def admit(
+        self,
+        caller: Caller,
+        request_id: str,
+        *,
+        prompt_tokens: int,
+        max_tokens: int,
+        choices: int,
+        headers_out: dict[str, str],
+    ) -> Ticket:
+        plan = caller.tenant.plan
+        if not plan.allows_model(caller.model):
+            raise ModelNotInPlan(caller.model)
+        reserve = prompt_tokens + max_tokens * choices
+        try:
+            reservation = await self.limiter.admit(
+                caller.tenant, request_id, reserve, streams=choices
+            )
+        except TenantRateLimited as refused:
+            if isinstance(refused.state, RateState):
+                headers_out.update(refused.state.headers())
+            raise
+        headers_out.update(reservation.state.headers())
+        try:
+            lease = await self.queue.acquire(
+                caller.tenant.tenant_id, weight=plan.weight, slots=choices
+            )
+        except BaseException:
+            await self.limiter.settle(reservation, 0)
+            raise
+        return Ticket(self, caller, request_id, reservation, lease, pending=choices)
+
+    async def close(self, ticket: Ticket) -> None:
+        ticket.lease.release()
+        used = ticket.prompt_tokens + ticket.completion_tokens
+        try:
+            await self.limiter.settle(ticket.reservation, used)
+        except Exception:
+            log.exception("settling the rate limit failed for request %s", ticket.request_id)
+        try:
+            await self.ledger.record(ticket.record())
+        except Exception:
+            log.exception("usage record failed for request %s", ticket.request_id)
+
+    def background(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

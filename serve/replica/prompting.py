@@ -1,0 +1,55 @@
+"""Chat prompts to token ids, with message content kept as text.
+
+Rendering the chat template to a string and tokenizing the result would let
+a user write `<|im_start|>system ...` inside a message and have it parsed as
+control tokens, forging a turn. Instead the template is rendered with a
+placeholder for every message's content; the template's own text is
+tokenized with special tokens recognised, each content with special tokens
+split into plain text.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from serve.replica.engine import ChatMessage
+
+
+class ChatTokenizer(Protocol):
+    def apply_chat_template(self, conversation: Any, **kwargs: Any) -> Any: ...
+
+    def encode(self, text: str, **kwargs: Any) -> Any: ...
+
+
+def encode_chat(
+    tokenizer: ChatTokenizer, messages: Sequence[ChatMessage], *, content_as_text: bool = True
+) -> list[int]:
+    """Token ids of the chat template applied to `messages` (generation prompt added)."""
+    if not content_as_text:
+        text = tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    marks = [f"\u2063{secrets.token_hex(8)}\u2063" for _ in messages]
+    rendered: str = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": mark} for m, mark in zip(messages, marks, strict=True)],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids: list[int] = []
+    rest = rendered
+    for message, mark in zip(messages, marks, strict=True):
+        head, found, rest = rest.partition(mark)
+        if not found:  # a template that drops or rewrites content: fall back to plain rendering
+            return encode_chat(tokenizer, messages, content_as_text=False)
+        ids += tokenizer.encode(head, add_special_tokens=False)
+        if message.content:
+            ids += tokenizer.encode(
+                message.content, add_special_tokens=False, split_special_tokens=True
+            )
+    ids += tokenizer.encode(rest, add_special_tokens=False)
+    return ids

@@ -1,0 +1,638 @@
+"""The Helm chart, rendered by the real Helm SDK and checked against the real schemas.
+
+Kubernetes objects: kubernetes-validate (strict, pinned Kubernetes version). The
+RayService: KubeRay's CRD schema (vendored in fixtures/, unknown fields
+rejected like `kubectl --validate=strict`) and its pod templates as Kubernetes
+PodTemplates. serveConfigV2: Ray's ServeDeploySchema, the import path, and its
+`args` as serve.settings.Settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from serve.settings import EngineArgs, ModelSpec, Settings
+from tests.chart.render import (
+    CHART_DIR,
+    PROFILES,
+    ROOT,
+    SERVE_CONFIG,
+    documents,
+    profile_values,
+    rayservice,
+    render,
+    serve_config_text,
+)
+
+K8S_VERSION = "1.35.0"
+CRD_PATH = Path(__file__).parent / "fixtures" / "ray.io_rayservices.yaml"
+# Kinds that are CustomResources (no schema in kubernetes-validate).
+CRD_KINDS = {"RayService", "PodMonitor", "ServiceMonitor", "PrometheusRule"}
+
+
+def merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Deep-merge values layers like `helm -f a -f b` (maps merge, lists replace)."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(out.get(key), dict):
+                out[key] = merged(out[key], value)
+            else:
+                out[key] = copy.deepcopy(value)
+    return out
+
+
+ALL_ON = {
+    "ingress": {"enabled": True},
+    "networkPolicy": {"enabled": True},
+    "redis": {"enabled": True},
+    "monitoring": {
+        "podMonitor": {"enabled": True},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "grafanaDashboard": {"enabled": True},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, list[dict[str, Any]]]:
+    """Rendered objects of every profile, plus every optional component switched on."""
+    rendered = {name: documents(profile_values(name)) for name in PROFILES}
+    rendered["all-on"] = documents(ALL_ON)
+    return rendered
+
+
+def kinds(docs: list[dict[str, Any]]) -> set[str]:
+    return {d["kind"] for d in docs}
+
+
+def containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, container) for every container of every pod the release creates."""
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        for where, pod in pod_specs(doc):
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                yield f"{name} {where} {c['name']}", c
+        if doc["kind"] == "RayService":
+            cluster = doc["spec"]["rayClusterConfig"]
+            if cluster.get("enableInTreeAutoscaling"):
+                yield f"{name} autoscaler", {"name": "autoscaler", **cluster["autoscalerOptions"]}
+
+
+def pod_specs(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    if doc["kind"] == "RayService":
+        cluster = doc["spec"]["rayClusterConfig"]
+        yield "head", cluster["headGroupSpec"]["template"]["spec"]
+        for group in cluster["workerGroupSpecs"]:
+            yield f"worker:{group['groupName']}", group["template"]["spec"]
+    elif doc["kind"] in {"StatefulSet", "Deployment"}:
+        yield "pod", doc["spec"]["template"]["spec"]
+
+
+# --- lint and values schema ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_lint_is_clean(profile: str) -> None:
+    report = helm.lint(
+        CHART_DIR, profile_values(profile), strict=True, kube_version=f"v{K8S_VERSION}"
+    )
+    assert report["errors"] == []
+    assert report["messages"] == [], report["messages"]
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"image": {"tag": "latest"}}, "/image/tag"),
+        ({"image": {"tag": ""}}, "/image/tag"),
+        ({"redis": {"image": {"tag": "latest"}}}, "/redis/image/tag"),
+        ({"worker": {"gpusPerPod": "one"}}, "/worker/gpusPerPod"),
+        ({"serve": {"settings": {"non_stream_max_tokens": "lots"}}}, "non_stream_max_tokens"),
+        ({"serve": {"autoscaling": {"enabled": "yes"}}}, "/serve/autoscaling/enabled"),
+        ({"ingress": {"enabled": True, "hosts": "llm.example.com"}}, "/ingress/hosts"),
+        ({"modelCache": {"type": "nfs"}}, "/modelCache/type"),
+        ({"tenants": {"entries": [{"id": "a", "tokens": [{"sha256": "nothex"}]}]}}, "sha256"),
+        ({"replicaCount": 3}, "replicaCount"),
+        ({"serve": {"settings": {"max_tokens_typo": 1}}}, "max_tokens_typo"),
+        ({"serve": {"settings": {"models": [{"name": "m", "weights": "w"}]}}}, "context_window"),
+        (
+            {"serve": {"settings": {"models": [{"name": "m", "weights": "w", "context_window": 64,
+                                                "engine": {"dtypo": "auto"}}]}}},
+            "dtypo",
+        ),
+        ({"worker": {"resources": {"limits": None}}}, "limits"),
+        ({"head": {"resources": {"requests": {"memory": None}}}}, "memory"),
+        ({"securityContext": {"runAsNonRoot": False, "allowPrivilegeEscalation": False}},
+         "runAsNonRoot"),
+    ],
+)  # fmt: skip
+def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        render(values)
+    assert where in str(err.value)
+
+
+def test_schema_accepts_every_profile_and_the_defaults() -> None:
+    with helm.Chart.load(CHART_DIR) as chart:
+        for name in PROFILES:
+            chart.validate_schema(profile_values(name))
+        chart.validate_schema(chart.values)
+
+
+def test_settings_schema_names_only_real_settings() -> None:
+    schema = json.loads((CHART_DIR / "values.schema.json").read_text())
+    settings = schema["properties"]["serve"]["properties"]["settings"]
+    assert settings["additionalProperties"] is False
+    assert set(settings["properties"]) <= set(Settings.model_fields)
+    model = settings["properties"]["models"]["items"]
+    assert set(model["properties"]) <= set(ModelSpec.model_fields)
+    assert set(model["properties"]["engine"]["properties"]) <= set(EngineArgs.model_fields)
+    # The chart's own additions (tenants_file, redis_url, cache_dir) are real settings too.
+    assert {"tenants_file", "redis_url", "cache_dir"} <= set(Settings.model_fields)
+
+
+def test_every_values_key_is_documented() -> None:
+    """values.yaml: a comment right above every key, or a section whose keys all have one."""
+    lines = [ln for ln in (CHART_DIR / "values.yaml").read_text().splitlines() if ln.strip()]
+    undocumented = []
+    covered_indent: int | None = None  # inside the value of a documented key
+    for i, line in enumerate(lines):
+        indent = len(line) - len(line.lstrip())
+        stripped = line.strip()
+        if covered_indent is not None:
+            if indent > covered_indent or (indent == covered_indent and stripped.startswith("- ")):
+                continue
+            covered_indent = None
+        if stripped.startswith("#"):
+            continue
+        key = stripped.split(":", 1)[0]
+        documented = i > 0 and lines[i - 1].strip().startswith("#")
+        has_children = (
+            stripped.endswith(":")
+            and i + 1 < len(lines)
+            and (
+                len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent
+                or lines[i + 1].strip().startswith("#")
+            )
+        )
+        if documented:
+            covered_indent = indent
+        elif not has_children:
+            undocumented.append(key)
+    assert undocumented == []
+
+
+# --- Kubernetes and CRD schemas --------------------------------------------------------
+
+
+def test_every_manifest_validates_against_kubernetes(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    checked = 0
+    for docs in profiles.values():
+        for doc in docs:
+            if doc["kind"] in CRD_KINDS:
+                continue
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+            checked += 1
+    assert checked >= 10
+
+
+def test_ray_pod_templates_validate_as_kubernetes_pod_templates(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    for docs in profiles.values():
+        spec = rayservice(docs)["spec"]["rayClusterConfig"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": "ray"},
+                "template": group["template"],
+            }
+            kubernetes_validate.validate(pod_template, K8S_VERSION, strict=True)
+
+
+def _strict(schema: Any) -> Any:
+    """The CRD schema with unknown fields rejected (structural schemas otherwise prune them)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def rayservice_validator() -> jsonschema.Draft7Validator:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    assert crd["spec"]["names"]["kind"] == "RayService"
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    schema = _strict(v1["schema"]["openAPIV3Schema"])
+    jsonschema.Draft7Validator.check_schema(schema)
+    return jsonschema.Draft7Validator(schema)
+
+
+def test_rayservice_validates_against_the_kuberay_crd(
+    profiles: dict[str, list[dict[str, Any]]], rayservice_validator: jsonschema.Draft7Validator
+) -> None:
+    for name, docs in profiles.items():
+        obj = rayservice(docs)
+        assert obj["apiVersion"] == "ray.io/v1"
+        errors = [
+            f"{list(e.absolute_path)}: {e.message}" for e in rayservice_validator.iter_errors(obj)
+        ]
+        assert errors == [], name
+
+
+def test_the_crd_check_catches_a_misspelt_field(
+    profiles: dict[str, list[dict[str, Any]]], rayservice_validator: jsonschema.Draft7Validator
+) -> None:
+    obj = copy.deepcopy(rayservice(profiles["default"]))
+    obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["maxReplica"] = 3
+    assert not rayservice_validator.is_valid(obj)
+    obj = copy.deepcopy(rayservice(profiles["default"]))
+    obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
+    assert not rayservice_validator.is_valid(obj)
+
+
+# --- serveConfigV2 --------------------------------------------------------------------
+
+
+def _serve_config(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load(rayservice(docs)["spec"]["serveConfigV2"])
+    return loaded
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_serve_config_is_a_valid_serve_deploy_config_of_our_application(
+    profiles: dict[str, list[dict[str, Any]]], profile: str
+) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.cluster import build_application
+
+    config = _serve_config(profiles[profile])
+    parsed = ServeDeploySchema.model_validate(config)
+    (app,) = parsed.applications
+    assert app.import_path == "serve.cluster:build_application"
+    module, attr = app.import_path.split(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is build_application
+    Settings.model_validate(app.args)
+    # The deployment the config tunes is the one the application builds.
+    application = build_application(app.args)
+    (deployment,) = app.deployments
+    assert deployment.name == application._bound_deployment.name
+
+
+def test_serve_config_carries_the_values(profiles: dict[str, list[dict[str, Any]]]) -> None:
+    gpu = profile_values("gpu")
+    config = _serve_config(profiles["gpu"])
+    (app,) = config["applications"]
+    settings = Settings.model_validate(app["args"])
+    assert settings.profile == "gpu"
+    assert settings.served_model.weights == "Qwen/Qwen1.5-1.8B-Chat"
+    assert settings.served_model.num_gpus == 1
+    assert settings.tenants_file == Path("/etc/batchserve/tenants/tenants.yaml")
+    assert settings.redis_url == "redis://batchserve-redis.llm.svc:6379/0"
+    assert str(settings.cache_dir) == "/models"
+    (deployment,) = app["deployments"]
+    auto = gpu["serve"]["autoscaling"]
+    assert deployment["num_replicas"] == "auto"
+    assert deployment["autoscaling_config"]["min_replicas"] == auto["minReplicas"]
+    assert deployment["autoscaling_config"]["max_replicas"] == auto["maxReplicas"]
+    assert (
+        deployment["autoscaling_config"]["target_ongoing_requests"] == auto["targetOngoingRequests"]
+    )
+
+    cpu = Settings.model_validate(_serve_config(profiles["cpu"])["applications"][0]["args"])
+    assert cpu.profile == "cpu"
+    assert cpu.served_model.num_gpus == 0
+    assert cpu.served_model.engine.dtype == "float32"
+    assert cpu.redis_url is None
+    assert (
+        "autoscaling_config"
+        not in _serve_config(profiles["cpu"])["applications"][0]["deployments"][0]
+    )
+
+
+def test_external_redis_url_reaches_the_settings() -> None:
+    docs = documents({"redis": {"externalUrl": "redis://redis.shared:6379/2"}})
+    args = _serve_config(docs)["applications"][0]["args"]
+    assert Settings.model_validate(args).redis_url == "redis://redis.shared:6379/2"
+    assert "StatefulSet" not in kinds(docs)
+
+
+def test_gateway_settings_from_values_reach_the_application() -> None:
+    docs = documents({"serve": {"settings": {"non_stream_max_tokens": 77, "max_body_bytes": 8192}}})
+    settings = Settings.model_validate(_serve_config(docs)["applications"][0]["args"])
+    assert (settings.non_stream_max_tokens, settings.max_body_bytes) == (77, 8192)
+
+
+def test_deploy_serve_config_is_generated_from_the_chart() -> None:
+    """deploy/serve-config.yaml and serveConfigV2 have one source: `make chart-sync`."""
+    assert SERVE_CONFIG.read_text() == serve_config_text(), "run `make chart-sync`"
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    (app,) = ServeDeploySchema.model_validate(config).applications
+    Settings.model_validate(app.args)
+
+
+# --- security, resources, GPUs ------------------------------------------------------
+
+
+def test_pods_run_as_non_root_with_pinned_images_and_resources(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    for name, docs in profiles.items():
+        pods = [pod for doc in docs for _, pod in pod_specs(doc)]
+        assert pods, name
+        for pod in pods:
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+        seen = 0
+        for where, c in containers(docs):
+            seen += 1
+            image = c.get("image", "")
+            if c["name"] != "autoscaler":  # KubeRay runs the autoscaler on the head image
+                repo, _, tag = image.rpartition(":")
+                assert repo and tag and tag != "latest", where
+            for part in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(c["resources"][part]), where
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"], where
+        assert seen >= 2, name
+
+
+def test_gpu_workers_and_cpu_head(profiles: dict[str, list[dict[str, Any]]]) -> None:
+    spec = rayservice(profiles["gpu"])["spec"]
+    head = spec["rayClusterConfig"]["headGroupSpec"]
+    (worker,) = spec["rayClusterConfig"]["workerGroupSpecs"]
+    head_c = head["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in head_c["resources"]["limits"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    pod = worker["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert "podAntiAffinity" in pod["affinity"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["dshm"] == "/dev/shm"
+    assert mounts["model-cache"] == "/models"
+    assert mounts["tenants"] == "/etc/batchserve/tenants"
+    env = {e["name"]: e for e in c["env"]}
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    # Long enough for the replica's own drain (graceful_shutdown_timeout_s) to finish first.
+    grace = pod["terminationGracePeriodSeconds"]
+    args = _serve_config(profiles["gpu"])["applications"][0]["args"]
+    assert grace > args["graceful_shutdown_timeout_s"] >= 60
+
+    cpu = rayservice(profiles["cpu"])["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    cpu_c = cpu["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu_c["resources"]["limits"]
+    assert "emptyDir" in {v["name"]: v for v in cpu["template"]["spec"]["volumes"]}["model-cache"]
+
+
+@pytest.mark.parametrize(
+    ("cache", "key"),
+    [
+        ({"type": "pvc", "pvc": {"existingClaim": "weights"}}, "persistentVolumeClaim"),
+        ({"type": "hostPath"}, "hostPath"),
+        ({"type": "emptyDir"}, "emptyDir"),
+    ],
+)
+def test_model_cache_volume_kinds(cache: dict[str, Any], key: str) -> None:
+    docs = documents({"modelCache": cache})
+    worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    volume = {v["name"]: v for v in worker["template"]["spec"]["volumes"]}["model-cache"]
+    assert key in volume
+    # The chart creates a claim only when it must.
+    assert ("PersistentVolumeClaim" in kinds(docs)) is False
+    if key == "persistentVolumeClaim":
+        assert volume[key]["claimName"] == "weights"
+    assert "PersistentVolumeClaim" in kinds(documents({}))
+
+
+def test_image_tag_is_never_latest_even_past_the_schema() -> None:
+    with helm.Chart.load(CHART_DIR) as chart:
+        schema = chart.schema
+    assert schema is not None
+    tag = schema["properties"]["image"]["properties"]["tag"]
+    assert tag["not"] == {"enum": ["latest"]} and tag["minLength"] == 1
+
+
+# --- toggles ---------------------------------------------------------------------------
+
+OPTIONAL = {
+    "ingress": ({"ingress": {"enabled": True}}, {"Ingress"}),
+    "networkPolicy": ({"networkPolicy": {"enabled": True}}, {"NetworkPolicy"}),
+    "redis": ({"redis": {"enabled": True}}, {"StatefulSet"}),
+    "podMonitor": ({"monitoring": {"podMonitor": {"enabled": True}}}, {"PodMonitor"}),
+    "serviceMonitor": ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {"ServiceMonitor"}),
+    "prometheusRule": ({"monitoring": {"prometheusRule": {"enabled": True}}}, {"PrometheusRule"}),
+    "grafanaDashboard": ({"monitoring": {"grafanaDashboard": {"enabled": True}}}, {"ConfigMap"}),
+    "pdb": ({"podDisruptionBudget": {"enabled": True}}, {"PodDisruptionBudget"}),
+}
+
+
+def _names(docs: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(d["kind"], d["metadata"]["name"]) for d in docs}
+
+
+@pytest.mark.parametrize("component", sorted(OPTIONAL))
+def test_each_optional_component_renders_only_when_enabled(component: str) -> None:
+    on_values, expected = OPTIONAL[component]
+    off_values = json.loads(json.dumps(on_values).replace("true", "false"))
+    on, off = documents(on_values), documents(off_values)
+    assert expected <= kinds(on)
+    assert not expected & kinds(off)
+    added = _names(on) - _names(off)
+    assert {kind for kind, _ in added} >= expected
+
+
+def test_everything_off_renders_the_core_only() -> None:
+    off = {
+        "ingress": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "redis": {"enabled": False},
+        "tenants": {"enabled": False},
+        "podDisruptionBudget": {"enabled": False},
+        "modelCache": {"type": "emptyDir"},
+    }
+    assert kinds(documents(off)) == {"RayService"}
+
+
+def test_gateway_service_is_kuberays_serve_service(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    """KubeRay creates it and keeps its selector on the serving cluster (upgrades switch it)."""
+    docs = profiles["gpu"]
+    spec = rayservice(docs)["spec"]
+    service = {"apiVersion": "v1", "kind": "Service", **spec["serveService"]}
+    kubernetes_validate.validate(service, K8S_VERSION, strict=True)
+    assert service["spec"]["ports"][0]["targetPort"] == 8000
+    assert spec["excludeHeadPodFromServeSvc"] is True
+    assert spec["upgradeStrategy"]["type"] == "NewCluster"
+    assert spec["rayClusterDeletionDelaySeconds"] >= 300
+    (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend == {"name": service["metadata"]["name"], "port": {"name": "serve"}}
+
+
+def test_redis_statefulset_persists_and_networkpolicy_guards_it(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = profiles["gpu"]
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    assert sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
+    assert "--appendonly" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
+    policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
+    assert policies == {"batchserve", "batchserve-redis"}
+    ephemeral = documents({"redis": {"enabled": True, "persistence": {"enabled": False}}})
+    (sts,) = [d for d in ephemeral if d["kind"] == "StatefulSet"]
+    assert "volumeClaimTemplates" not in sts["spec"]
+
+
+def test_tenants_secret_chart_made_or_existing() -> None:
+    from serve.gateway.tenants import hash_token, parse_tenants_document
+
+    plans = {"pro": {"requests_per_minute": 600, "tokens_per_minute": 200000, "weight": 2}}
+    entry = {
+        "id": "acme",
+        "plan": "pro",
+        "accounts": ["acct-1"],
+        "tokens": [{"sha256": hash_token("secret-token"), "label": "ci"}],
+    }
+    docs = documents({"tenants": {"plans": plans, "entries": [entry]}})
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    text = secret["stringData"]["tenants.yaml"]
+    assert "secret-token" not in text
+    # The gateway's own parser accepts what the chart writes.
+    grants = parse_tenants_document(yaml.safe_load(text))
+    grant = grants[hash_token("secret-token")]
+    assert grant.tenant.tenant_id == "acme"
+    assert grant.tenant.plan.requests_per_minute == 600
+
+    existing = documents({"tenants": {"existingSecret": "my-tenants"}})
+    assert "Secret" not in kinds(existing)
+    head = rayservice(existing)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in head["volumes"]}
+    assert volumes["tenants"]["secret"]["secretName"] == "my-tenants"
+    # A directory mount (not subPath), so Secret edits reach running pods.
+    mounts = head["containers"][0]["volumeMounts"]
+    assert all("subPath" not in m for m in mounts)
+
+
+def test_notes_tell_how_to_call_and_where_tokens_per_second_is() -> None:
+    notes = render(profile_values("gpu"))["batchserve/templates/NOTES.txt"]
+    assert "https://llm.example.com/client/v4" in notes
+    assert "/ai/run/@cf/qwen/qwen1.5-1.8b-chat" in notes
+    assert "tokens/sec" in notes.lower() or "Tokens/sec" in notes
+
+
+# --- monitoring files: one source with deploy/ ------------------------------------
+
+
+def test_monitoring_files_are_links_into_deploy() -> None:
+    for name in ("prometheus", "grafana"):
+        link = CHART_DIR / "files" / name
+        assert link.is_symlink()
+        assert link.resolve() == (ROOT / "deploy" / name).resolve()
+
+
+def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
+    profiles: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    files = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
+    assert files, "deploy/prometheus/rules/*.yml is missing"
+    expected = [g for f in files for g in yaml.safe_load(f.read_text())["groups"]]
+    (rule,) = [d for d in profiles["gpu"] if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == expected
+    rendered = tmp_path / "rendered.rules.yml"
+    rendered.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed"
+    out = subprocess.run(
+        [promtool, "check", "rules", str(rendered)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_monitors_scrape_ray_and_every_replica(profiles: dict[str, list[dict[str, Any]]]) -> None:
+    docs = profiles["all-on"]
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics", "replica"]
+    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "replica"]
+    worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    c = worker["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert str(ports["replica"]) == env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30000"
+    (svc,) = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    assert {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "replica"}
+
+
+def test_grafana_configmap_holds_the_deploy_dashboards(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    files = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
+    assert files, "deploy/grafana/*.json is missing"
+    (cm,) = [d for d in profiles["gpu"] if d["kind"] == "ConfigMap"]
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert set(cm["data"]) == {f.name for f in files}
+    for f in files:
+        assert json.loads(cm["data"][f.name]) == json.loads(f.read_text())
+
+
+# --- images --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_pin_their_bases_and_engines(name: str) -> None:
+    text = (ROOT / "deploy" / name).read_text()
+    args = dict(
+        line.removeprefix("ARG ").split("=", 1)
+        for line in text.splitlines()
+        if line.startswith("ARG ") and "=" in line
+    )
+    (base,) = [line.split()[1] for line in text.splitlines() if line.startswith("FROM ")]
+    image = args[base.strip("${}")] if base.startswith("${") else base
+    repo, _, tag = image.rpartition(":")
+    assert repo and tag and tag != "latest" and any(ch.isdigit() for ch in tag), image
+    if name == "Dockerfile.cpu":
+        assert '".[cpu]"' in text and "prepare-model" in text
+    else:
+        assert args["VLLM_VERSION"].count(".") == 2
+    assert "USER 1000" in text

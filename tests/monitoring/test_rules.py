@@ -1,0 +1,56 @@
+"""The Prometheus rules and config: promtool checks them and runs their unit tests,
+and every alert has a unit test."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+from tests.prometheus_server import PROMETHEUS_DIR, RULE_FILES, tool
+
+TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
+
+
+def promtool(*args: str | Path) -> str:
+    done = subprocess.run(
+        [tool("promtool"), *map(str, args)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_promtool_check_rules() -> None:
+    out = promtool("check", "rules", *RULE_FILES)
+    assert out.count("SUCCESS") == len(RULE_FILES)
+
+
+def test_promtool_check_config() -> None:
+    promtool("check", "config", PROMETHEUS_DIR / "prometheus.yml")
+
+
+def test_promtool_rule_unit_tests() -> None:
+    assert TESTS
+    out = promtool("test", "rules", *TESTS)
+    assert out.count("SUCCESS") == len(TESTS), out
+
+
+def test_every_alert_has_a_unit_test() -> None:
+    alerts = {
+        rule["alert"]
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    tested: dict[str, set[int]] = {}
+    for path in TESTS:
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                tested.setdefault(check["alertname"], set()).add(len(check["exp_alerts"]))
+    assert alerts, "no alert rules found"
+    for alert in alerts:
+        # Each alert is shown both firing and quiet.
+        counts = tested.get(alert, set())
+        assert 0 in counts and any(c > 0 for c in counts), f"{alert}: {counts}"

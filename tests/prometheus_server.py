@@ -1,0 +1,104 @@
+"""A real Prometheus server (Debian's `prometheus` binary) on 127.0.0.1 for tests."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+PROMETHEUS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus"
+RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
+
+
+def tool(name: str) -> str:
+    """A binary from the Debian `prometheus` package (.ci/run installs it)."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: apt-get install prometheus")
+    return path
+
+
+@dataclass(frozen=True)
+class PrometheusServer:
+    url: str
+    log: Path
+
+    def api(self, path: str, **params: Any) -> Any:
+        r = httpx.get(f"{self.url}/api/v1/{path}", params=params, timeout=30)
+        body = r.json()
+        assert r.status_code == 200 and body.get("status") == "success", (path, params, body)
+        return body["data"]
+
+    def query(self, expr: str, at: float | None = None) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"query": expr}
+        if at is not None:
+            params["time"] = f"{at:.3f}"
+        data = self.api("query", **params)
+        result: list[dict[str, Any]] = data["result"]
+        return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def prometheus(
+    workdir: Path,
+    *,
+    scrape_configs: list[dict[str, Any]] | None = None,
+    interval: str = "1s",
+    rule_files: list[Path] = RULE_FILES,
+) -> Iterator[PrometheusServer]:
+    """Prometheus with our rule files, scraping `scrape_configs`, stopped on exit."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "global": {"scrape_interval": interval, "evaluation_interval": interval},
+        "rule_files": [str(p) for p in rule_files],
+        "scrape_configs": scrape_configs or [],
+    }
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = _free_port()
+    log = workdir / "prometheus.log"
+    cmd = [
+        tool("prometheus"),
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={workdir / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    server = PrometheusServer(url=f"http://127.0.0.1:{port}", log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"prometheus exited:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{server.url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, f"prometheus not ready:\n{log.read_text()[-3000:]}"
+            time.sleep(0.2)
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

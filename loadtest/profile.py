@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -26,9 +27,9 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        m = _PROCESS.match(frames[0])
-        name = m[2][:80] if m else "?"
-        procs[name] += n
+        # with --subprocesses a child's frames sit under its parents' process frames
+        owners = [m for f in frames if (m := _PROCESS.match(f))]
+        procs[owners[-1][2][:80] if owners else "?"] += n
         leaves[frames[-1][:120]] += n
 
     def share(c: Counter[str]) -> list[tuple[str, float]]:
@@ -39,7 +40,8 @@ def summarise(raw: str, top: int = 15) -> dict[str, Any]:
 
 def profile_during(pid: int, out: Path, seconds: float, work: Callable[[], Any]) -> dict[str, Any]:
     """Sample `pid` and its children while `work()` runs (py-spy must be installed)."""
-    exe = shutil.which("py-spy")
+    beside = Path(sys.executable).parent / "py-spy"
+    exe = str(beside) if beside.exists() else shutil.which("py-spy")
     if exe is None:
         return {"error": "py-spy not installed"}
     cmd = [exe, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--format",

@@ -117,6 +117,7 @@ def build_gateway(
         retry_after_s=settings.retry_after_seconds,
         metrics=metrics,
         gate=(gate := build_gate(settings, metrics)),
+        request_timeout_s=settings.request_timeout_s,
     )
     ctx = GatewayContext(
         model_name=settings.served_model.name,
@@ -128,6 +129,7 @@ def build_gateway(
         behind_serve=behind_serve,
         stream_padding=settings.stream_padding,
         stream_heartbeat_s=settings.stream_heartbeat_s,
+        stream_stall_s=settings.stream_stall_s,
         ledger=gate.ledger,
     )
     return build_app(ctx, observability)
@@ -141,6 +143,7 @@ def compose_replica(settings: Settings, replica_id: str) -> tuple[Engine, FastAP
         settings.served_model,
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         content_as_text=settings.chat_content_as_text,
+        stall_s=settings.engine_stall_s,
     )
     log_to_stderr(logging.getLogger(ACCESS_LOGGER))  # one JSON line per request
     # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry

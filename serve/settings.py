@@ -137,6 +137,13 @@ class Settings(BaseSettings):
 
     # Engine admission: requests beyond this many in flight per replica get 429/3040.
     max_inflight_per_replica: int = Field(default=256, ge=1)
+    # Reliability (issue 9): a generation running longer than this is aborted with 408/3007;
+    # a replica whose engine holds unfinished requests but produced nothing for
+    # `engine_stall_s` fails Serve's health check; a stream whose client has not taken
+    # a frame for `stream_stall_s` is aborted (the engine request is freed).
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    engine_stall_s: float = Field(default=60.0, gt=0)
+    stream_stall_s: float = Field(default=30.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     # KV cache for vLLM's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1)

@@ -30,6 +30,8 @@ class FakeEngine:
     aborted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
     running: set[str] = field(default_factory=set)
+    # Deltas produced so far, all requests together (how far a generation got).
+    produced: int = 0
 
     @property
     def info(self) -> EngineInfo:
@@ -71,6 +73,7 @@ class FakeEngine:
                 reason: FinishReason | None = None
                 if last:
                     reason = "length" if budget < len(words) else "stop"
+                self.produced += 1
                 yield TokenDelta(text=word, new_tokens=1, finish_reason=reason)
             done = True
         finally:

@@ -9,12 +9,13 @@ releases its slot, whichever way it ends.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.errors import ContextWindowExceeded, OutOfCapacity
+from serve.errors import ContextWindowExceeded, OutOfCapacity, RequestTimeout
 from serve.gateway.admission import Caller, Gate, Ticket
 from serve.gateway.request_record import RequestRecord
 from serve.metrics import GatewayMetrics, yes_no
@@ -139,6 +140,13 @@ class Completion:
     failed: bool = False
     # Prompt tokens the engine found in its prefix cache.
     cached_tokens: int = 0
+    # The request timeout: one timer per generation. While the generation waits for the
+    # engine, `_waiter` is the waiting task; the timer cancels it (a stalled engine), else
+    # it only sets `_expired`, checked before the next wait (a slow consumer).
+    _waiter: asyncio.Task[Any] | None = field(default=None, repr=False)
+    _expired: bool = field(default=False, repr=False)
+    _expired_task: asyncio.Task[Any] | None = field(default=None, repr=False)
+    _cancelling: int = field(default=0, repr=False)
 
     @property
     def usage(self) -> Usage:
@@ -157,9 +165,24 @@ class Completion:
         self._submit(record, metrics)
         keep = record.output
         stream = service.engine.generate(self.prepared.request)
+        timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self._expire)
         finished = False
         try:
-            async for delta in stream:
+            while True:
+                if self._expired:
+                    raise RequestTimeout()
+                self._waiter = asyncio.current_task()
+                try:
+                    delta = await anext(stream)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    task = self._expired_task
+                    if task is not None and task.uncancel() <= self._cancelling:
+                        raise RequestTimeout() from None  # the timer's cancel, not the caller's
+                    raise
+                finally:
+                    self._waiter = None
                 if delta.new_tokens:
                     now = time.monotonic()
                     if self.first_token_at is None:
@@ -181,6 +204,7 @@ class Completion:
             record.fail(exc)
             raise
         finally:
+            timer.cancel()
             service.inflight -= 1
             self._settle(record, metrics, finished)
             try:
@@ -195,6 +219,14 @@ class Completion:
                         finish_reason=self.finish_reason,
                         first_token_at=self.first_token_at,
                     )
+
+    def _expire(self) -> None:
+        """The request timeout fired: interrupt the wait for the engine, if one is pending."""
+        self._expired = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._expired_task, self._cancelling = waiter, waiter.cancelling()
+            waiter.cancel()
 
     def _submit(self, record: RequestRecord, metrics: GatewayMetrics) -> None:
         now = time.monotonic()
@@ -252,8 +284,11 @@ class CompletionService:
         retry_after_s: float,
         metrics: GatewayMetrics,
         gate: Gate | None = None,
+        request_timeout_s: float = 300.0,
     ) -> None:
         self.engine = engine
+        # A generation running longer is aborted with 408/3007 (`Completion._expire`).
+        self.request_timeout_s = request_timeout_s
         # Tenant limits and the fair queue; None: only the in-flight cap below.
         self.gate = gate
         self.budget = budget

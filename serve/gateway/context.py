@@ -28,6 +28,8 @@ class GatewayContext:
     # Workers AI streams: pad every event; heartbeat comments until the first token.
     stream_padding: bool = False
     stream_heartbeat_s: float = 15.0
+    # A stream whose client has not taken a frame for this long is aborted.
+    stream_stall_s: float = 30.0
     # Where finished requests are recorded (the usage route reads it).
     ledger: UsageLedger | None = None
 

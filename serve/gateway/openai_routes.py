@@ -16,7 +16,7 @@ from dataclasses import replace
 from typing import Final
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from serve import sse
 from serve.errors import BadInput
@@ -28,6 +28,7 @@ from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.request_id import mark_reached_inference
 from serve.gateway.request_record import record_of
+from serve.gateway.stream_guard import GuardedStreamingResponse
 from serve.gateway.tenants import Tenant
 from serve.protocol.openai import (
     ChatCompletionRequest,
@@ -134,8 +135,9 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
         cap = prepared[0].request.sampling.max_tokens
         headers = {CAP_HEADER: str(cap)} if prepared[0].clamped else {}
         if body.stream:
-            return StreamingResponse(
+            return GuardedStreamingResponse(
                 sse_stream(choices, meta, body.include_usage),
+                stall_s=ctx.stream_stall_s,
                 media_type="text/event-stream",
                 headers=headers,
             )

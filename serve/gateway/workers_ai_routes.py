@@ -8,7 +8,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final
 
 from fastapi import APIRouter, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from serve import sse
 from serve.errors import LoraUnsupported
@@ -20,6 +20,7 @@ from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.keepalive import heartbeat_until_first
 from serve.gateway.request_id import mark_reached_inference
 from serve.gateway.request_record import record_of
+from serve.gateway.stream_guard import GuardedStreamingResponse
 from serve.protocol.workers_ai import RunInput, parse_json_body, parse_run_input, published_schema
 
 RUN_PATH = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
@@ -137,8 +138,9 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
         )
         if run_input.stream:
             frames = sse_stream(completion, padding=ctx.stream_padding)
-            return StreamingResponse(
+            return GuardedStreamingResponse(
                 heartbeat_until_first(frames, ctx.stream_heartbeat_s),
+                stall_s=ctx.stream_stall_s,
                 # Exactly `text/event-stream`, as the hosted API sends it (no charset).
                 headers={"content-type": "text/event-stream"},
             )

@@ -18,6 +18,7 @@ from serve.replica.engine import (
     TokenDelta,
 )
 from serve.replica.prompting import encode_chat
+from serve.replica.watchdog import ProgressWatchdog
 from serve.settings import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,12 @@ class VllmEngine:
     """One `AsyncLLM` with delta output, owned by one replica."""
 
     def __init__(
-        self, spec: ModelSpec, *, cpu_kv_cache_gib: int = 2, content_as_text: bool = True
+        self,
+        spec: ModelSpec,
+        *,
+        cpu_kv_cache_gib: int = 2,
+        content_as_text: bool = True,
+        stall_s: float = 60.0,
     ) -> None:
         # vllm reads this at engine start; it only matters for the CPU backend.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -68,6 +74,9 @@ class VllmEngine:
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer: Any = self._llm.get_tokenizer()
         self._content_as_text = content_as_text
+        # Liveness (`check_health`): outputs produced so far, all requests together.
+        self._outputs = 0
+        self._watchdog = ProgressWatchdog(stall_s)
         # The window is the smaller of the catalog's and what the engine really holds.
         window = min(spec.context_window, int(self._llm.model_config.max_model_len))
         self._info = EngineInfo(
@@ -99,6 +108,7 @@ class VllmEngine:
         async with contextlib.aclosing(stream):
             try:
                 async for out in stream:
+                    self._outputs += 1
                     completion = out.outputs[0]
                     reason = _FINISH.get(completion.finish_reason or "", "stop")
                     yield TokenDelta(
@@ -119,7 +129,9 @@ class VllmEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     async def check_health(self) -> None:
+        """Dead engine (vLLM's flag) or a live one that stopped making progress."""
         await self._llm.check_health()
+        self._watchdog.check(unfinished=self.num_unfinished_requests(), outputs=self._outputs)
 
     def shutdown(self) -> None:
         self._llm.shutdown()

@@ -52,8 +52,16 @@ def start_gateway(work: Path, tenants: Path, port: int) -> subprocess.Popen[byte
         time.sleep(0.1)
 
 
+KILL_AFTER = 10  # finished requests before the SIGKILL (of 120 in the burst)
+
+
 async def one_request(
-    client: httpx.AsyncClient, url: str, auth: dict[str, str], i: int, completed: list[str]
+    client: httpx.AsyncClient,
+    url: str,
+    auth: dict[str, str],
+    i: int,
+    completed: list[str],
+    enough: asyncio.Event,
 ) -> None:
     body = {"prompt": f"request {i}", "max_tokens": 8, "stream": i % 2 == 0}
     try:
@@ -67,18 +75,23 @@ async def one_request(
         if not body["stream"] and b'"success":true' not in data:
             return
         completed.append(rid)  # the final byte arrived
+        if len(completed) >= KILL_AFTER:
+            enough.set()
     except httpx.HTTPError:
         return  # cut off by the kill
 
 
 async def burst(url: str, auth: dict[str, str], proc: subprocess.Popen[bytes]) -> list[str]:
     completed: list[str] = []
+    enough = asyncio.Event()
     limits = httpx.Limits(max_connections=12)
     async with httpx.AsyncClient(timeout=10, limits=limits) as client:
         tasks = [
-            asyncio.create_task(one_request(client, url, auth, i, completed)) for i in range(120)
+            asyncio.create_task(one_request(client, url, auth, i, completed, enough))
+            for i in range(120)
         ]
-        await asyncio.sleep(1.0)  # well inside the burst
+        # Kill well inside the burst: some requests finished, most are still to come.
+        await asyncio.wait_for(enough.wait(), 30)
         proc.send_signal(signal.SIGKILL)
         await asyncio.gather(*tasks)
     return completed
@@ -97,7 +110,7 @@ def test_sigkill_mid_burst_keeps_one_record_per_finished_request(tmp_path: Path)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert 5 <= len(completed) < 120, f"the kill did not land mid-burst: {len(completed)}"
+    assert KILL_AFTER <= len(completed) < 120, f"the kill did not land mid-burst: {len(completed)}"
     restarted = start_gateway(tmp_path, tenants, port)
     try:
         r = httpx.get(f"http://127.0.0.1:{port}/client/v4/accounts/acct-k/ai/usage", headers=auth)

@@ -113,7 +113,8 @@ def test_leaving_during_the_wait_aborts_the_engine_request(settings: Settings) -
         with httpx.stream(
             "POST", base + RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True}
         ) as r:
-            assert next(r.iter_lines()) == ":"
+            lines = r.iter_lines()  # keep the iterator: dropping it closes the stream
+            assert next(lines) == ":"
             assert len(engine.running) == 1
         deadline = time.monotonic() + 5
         while not engine.aborted:

@@ -48,7 +48,8 @@ def test_non_streaming_and_client_token_count(mock_server: MockFactory) -> None:
     assert [r.output_tokens_server for r in out.results] == [5, 5]
     # the mock's word "tok" is one word each for the word tokenizer
     assert [r.output_tokens_client for r in out.results] == [5, 5]
-    assert summarize(out.results)["ms"]["e2e"]["p50"] == pytest.approx(90, abs=20)
+    assert summarize(out.results)["ms"]["e2e"]["min"] >= 90  # 50 ms + 4 x 10 ms
+    assert all(r.ttft_s == r.chunk_offsets_s[0] for r in out.results)  # the whole body
 
 
 def test_429_and_errors_are_counted(mock_server: MockFactory) -> None:

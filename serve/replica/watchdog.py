@@ -1,0 +1,52 @@
+"""Engine liveness: an engine holding unfinished requests must keep producing output.
+
+vLLM's `AsyncLLM.check_health` only looks at a dead flag, so a stopped engine process
+(SIGSTOP, a wedged kernel) would pass Serve's health check forever. The watchdog is
+fed on each health check with two numbers the engine's front end keeps cheaply: how
+many requests are unfinished and a counter of outputs produced so far. If there is
+work and the counter has not moved for `stall_s`, the engine is declared stalled and
+the health check fails, so Serve replaces the replica. In-flight requests meanwhile
+end at the request timeout (408/3007).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from serve.errors import EngineUnavailable
+
+
+class EngineStalled(EngineUnavailable):
+    def __init__(self, stalled_s: float, unfinished: int) -> None:
+        super().__init__(
+            f"AiError: The inference engine made no progress for {stalled_s:.0f} s "
+            f"with {unfinished} unfinished requests"
+        )
+        self.stalled_s = stalled_s
+        self.unfinished = unfinished
+
+
+class ProgressWatchdog:
+    """Decides, from successive (unfinished, outputs) readings, whether an engine is stalled."""
+
+    def __init__(self, stall_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s = stall_s
+        self._clock = clock
+        self._outputs: int | None = None
+        # Since when the engine has had work but produced nothing (None: not stalled).
+        self._since: float | None = None
+
+    def check(self, *, unfinished: int, outputs: int) -> None:
+        """Raise `EngineStalled` if work has waited `stall_s` without any output."""
+        now = self._clock()
+        moved = outputs != self._outputs
+        self._outputs = outputs
+        if unfinished == 0 or moved:
+            self._since = None if unfinished == 0 else now
+            return
+        if self._since is None:
+            self._since = now
+        stalled = now - self._since
+        if stalled >= self.stall_s:
+            raise EngineStalled(stalled, unfinished)

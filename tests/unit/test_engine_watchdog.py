@@ -1,0 +1,112 @@
+"""The engine progress watchdog behind the replica's health check (fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.replica.watchdog import EngineStalled, ProgressWatchdog
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def dog(clock: Clock) -> ProgressWatchdog:
+    return ProgressWatchdog(30.0, clock=clock)
+
+
+def test_idle_engine_is_healthy_forever(dog: ProgressWatchdog, clock: Clock) -> None:
+    for _ in range(10):
+        dog.check(unfinished=0, outputs=7)
+        clock.now += 100
+
+
+def test_busy_engine_that_keeps_producing_is_healthy(dog: ProgressWatchdog, clock: Clock) -> None:
+    for outputs in range(10):
+        dog.check(unfinished=5, outputs=outputs)
+        clock.now += 100  # far longer than stall_s between checks, but output moved
+
+
+def test_work_without_output_for_stall_s_fails(dog: ProgressWatchdog, clock: Clock) -> None:
+    dog.check(unfinished=3, outputs=42)  # last progress seen
+    clock.now += 29.9
+    dog.check(unfinished=3, outputs=42)
+    clock.now += 0.1
+    with pytest.raises(EngineStalled) as raised:
+        dog.check(unfinished=3, outputs=42)
+    assert raised.value.status == 503 and raised.value.unfinished == 3
+    assert raised.value.stalled_s == pytest.approx(30.0)
+    clock.now += 10
+    with pytest.raises(EngineStalled):  # stays unhealthy while stalled
+        dog.check(unfinished=3, outputs=42)
+
+
+def test_stall_counts_from_when_work_appeared(dog: ProgressWatchdog, clock: Clock) -> None:
+    """Idle for an hour, then a request arrives: a long prefill gets stall_s from its start."""
+    dog.check(unfinished=0, outputs=1)
+    clock.now += 3600
+    dog.check(unfinished=1, outputs=1)
+    clock.now += 29
+    dog.check(unfinished=1, outputs=1)
+    clock.now += 2
+    with pytest.raises(EngineStalled):
+        dog.check(unfinished=1, outputs=1)
+
+
+def test_recovers_when_output_moves_again(dog: ProgressWatchdog, clock: Clock) -> None:
+    dog.check(unfinished=2, outputs=5)
+    clock.now += 31
+    with pytest.raises(EngineStalled):
+        dog.check(unfinished=2, outputs=5)
+    dog.check(unfinished=2, outputs=6)
+    clock.now += 29
+    dog.check(unfinished=2, outputs=6)
+
+
+def test_draining_to_idle_resets(dog: ProgressWatchdog, clock: Clock) -> None:
+    dog.check(unfinished=2, outputs=5)
+    clock.now += 20
+    dog.check(unfinished=0, outputs=5)
+    dog.check(unfinished=1, outputs=5)
+    clock.now += 20
+    dog.check(unfinished=1, outputs=5)  # only 20 s since the new work appeared
+
+
+class StoppedLLM:
+    """AsyncLLM's front end while its EngineCore is SIGSTOPped: alive flag, work queued."""
+
+    errored = False
+
+    def __init__(self, unfinished: int) -> None:
+        self.unfinished = unfinished
+
+    async def check_health(self) -> None:
+        return None  # vLLM only checks its dead flag
+
+    def get_num_unfinished_requests(self) -> int:
+        return self.unfinished
+
+
+async def test_vllm_engine_health_check_consults_the_watchdog(clock: Clock) -> None:
+    from serve.replica.vllm_engine import VllmEngine
+
+    engine = VllmEngine.__new__(VllmEngine)  # no real engine: only the health path
+    engine._llm = StoppedLLM(unfinished=2)
+    engine._outputs = 10
+    engine._watchdog = ProgressWatchdog(30.0, clock=clock)
+    await engine.check_health()
+    clock.now += 31
+    with pytest.raises(EngineStalled):
+        await engine.check_health()
+    engine._outputs += 1  # it produced something again
+    await engine.check_health()

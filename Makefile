@@ -64,8 +64,9 @@ chart-sync: $(STAMP)
 test: lint typecheck
 	$(BIN)/python -m pytest
 
-# batchserve and the stock vLLM server side by side (tiny Qwen2, 1/8/32 streams, interleaved
-# rounds); writes bench/results-*.json + .html. Holds the shared lock for heavy work.
+# batchserve, the stock vLLM server and Ray Serve LLM (default and direct streaming) side by
+# side (tiny Qwen2, 1/8/32 streams, interleaved rounds); writes bench/results-*.json + .html.
+# Holds the shared lock for heavy work.
 BENCH_ROUNDS ?= 7
 bench: $(STAMP)
 	flock /tmp/batchserve-heavy.lock $(BIN)/python -m loadtest.bench --rounds $(BENCH_ROUNDS)

@@ -1,10 +1,15 @@
-"""`make bench`: batchserve against the stock vLLM OpenAI server, side by side.
+"""`make bench`: batchserve against bare vLLM and Ray Serve LLM, side by side.
 
-Both stacks run at once on different ports (an idle stack costs little), on the same model.
-Each round measures 1, 8 and 32 streams with a short closed-loop burst on each stack in turn
-(the order alternates between rounds), so the machine's drift hits both alike; figures are
-medians over rounds and the batchserve/vLLM ratio is taken within a round, then summarised
-by its median and spread. Same request to both: OpenAI chat, streaming, exact-length prompt.
+Stacks (`--stacks`): `batchserve` (`python -m serve.cli up`), `bare vLLM` (the stock OpenAI
+server), `Ray Serve LLM` (`build_openai_app`, default mode) and `Ray Serve LLM direct` (the same
+with `RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING=1`), the last two via
+`loadtest.peers`; `--variant` adds batchserve variants for A/B runs. Each Ray-based stack
+is its own process tree with its own Ray instance and ports; all run at once (an idle stack costs
+little) on the same model. Each round measures 1, 8 and 32 streams with a short closed-loop
+burst on each stack in turn (the order rotates between rounds: a, b, c, d, then b, c, d, a, ...),
+so the machine's drift hits all alike; figures are medians over rounds and the ratio to bare vLLM
+is taken within a round, then summarised by its median and spread. Same request to all: OpenAI
+chat, streaming, exact-length prompt.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +38,7 @@ from typing import Any
 
 import psutil
 
-from loadtest import client, report
+from loadtest import client, cpu_share, report
 from loadtest.crosscheck import crosscheck
 from loadtest.metrics import summarize
 from loadtest.profile import profile_during
@@ -41,6 +47,9 @@ from loadtest.targets import Dialect, Target
 from loadtest.workloads import HFTokenizer, LengthDist, synthetic
 
 BATCHSERVE_MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
+REFERENCE = "bare vLLM"
+STACKS = ("batchserve", "bare vLLM", "Ray Serve LLM", "Ray Serve LLM direct")
+DEFAULT_STACKS = STACKS[:4]
 STREAMS = (1, 8, 32)
 REQUESTS_PER_STREAM = {1: 6, 8: 4, 32: 3}
 """A burst at c streams sends c * k requests (closed loop)."""
@@ -71,11 +80,13 @@ def _healthy(url: str) -> bool:
 
 
 @contextmanager
-def _process(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def _process(
+    cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     """Start `cmd`; on exit stop it and its whole process tree (Ray and vLLM start workers
     in their own process groups, so killing a group is not enough)."""
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
     try:
         yield proc
     finally:
@@ -99,36 +110,133 @@ def build_model(work: Path) -> Path:
     return path
 
 
-def start_stacks(stack: ExitStack, model: Path, work: Path) -> list[Stack]:
+@dataclass(frozen=True)
+class StackSpec:
+    name: str
+    cmd: list[str]
+    env: dict[str, str]
+    target: Target
+    health: str
+    cwd: Path | None = None
+
+
+def _ray_isolation(slot: int, work: Path) -> dict[str, str]:
+    """Env that keeps several Ray Serve instances on one machine apart: HAProxy's files and
+    ports, Serve's fallback proxy ports and the direct-ingress port ranges are fixed by default."""
+    hap = Path(tempfile.mkdtemp(prefix=f"bench-haproxy-{slot}-"))
+    lo = 30000 + 200 * slot
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(lo + 199),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(lo + 10000),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(lo + 10199),
+    }
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A batchserve run from another source tree (a copy of the repo) and/or with extra env."""
+
+    name: str
+    tree: Path | None
+    env: dict[str, str]
+
+    @classmethod
+    def parse(cls, spec: str) -> Variant:
+        """`NAME[:tree=DIR][:KEY=VALUE]...`, e.g. `base:tree=/tmp/bs-base`."""
+        name, *parts = spec.split(":")
+        kv = dict(part.split("=", 1) for part in parts)
+        tree = kv.pop("tree", None)
+        return cls(f"batchserve {name}", Path(tree).resolve() if tree else None, kv)
+
+
+def stack_specs(
+    model: Path, work: Path, names: list[str], variants: Sequence[Variant] = ()
+) -> list[StackSpec]:
+    """The stacks to run, in `names` order (a variant's name picks the variant)."""
+    by_variant = {v.name: v for v in variants}
     token = "bench-" + secrets.token_urlsafe(16)
-    base_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "VLLM_CPU_KVCACHE_SPACE": "1"}  # fmt: skip
-    bs_port, vl_port = _free_port(), _free_port()
-    bs_env = {**base_env, "BATCHSERVE_DEV_TOKEN": token, "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
-              "BATCHSERVE_CACHE_DIR": str(work / "cache")}  # fmt: skip
-    bs_cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--model", str(model),
-              "--port", str(bs_port), "--replicas", "1"]  # fmt: skip
-    vl_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
-              "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
-              "--max-model-len", "1024", "--port", str(vl_port), "--host", "127.0.0.1"]  # fmt: skip
-    procs = [
-        stack.enter_context(_process(bs_cmd, bs_env, work / "batchserve.log")),
-        stack.enter_context(_process(vl_cmd, base_env, work / "vllm.log")),
-    ]
-    stacks = [
-        Stack("batchserve",
-              Target(f"http://127.0.0.1:{bs_port}", Dialect.OPENAI_CHAT, BATCHSERVE_MODEL, token),
-              f"http://127.0.0.1:{bs_port}/healthz", procs[0].pid),
-        Stack("bare vLLM", Target(f"http://127.0.0.1:{vl_port}", Dialect.OPENAI_CHAT, "tiny"),
-              f"http://127.0.0.1:{vl_port}/health", procs[1].pid),
-    ]  # fmt: skip
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not all(_healthy(s.health) for s in stacks):
-        dead = [s.name for s, p in zip(stacks, procs, strict=True) if p.poll() is not None]
-        if dead or time.monotonic() > deadline:
-            raise RuntimeError(f"stack(s) did not start: {dead or 'timeout'}; logs in {work}")
-        time.sleep(2)
+    base_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base_env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
+    specs = []
+    for slot, name in enumerate(names):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        if name == "batchserve" or name in by_variant:
+            env = {**base_env, **_ray_isolation(slot, work), "BATCHSERVE_DEV_TOKEN": token,
+                   "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
+                   "BATCHSERVE_CACHE_DIR": str(work / f"cache-{slot}")}  # fmt: skip
+            tree = None
+            if name in by_variant:
+                env.update(by_variant[name].env)
+                tree = by_variant[name].tree
+                if tree:  # its driver and Ray's workers import `serve` from there
+                    env["PYTHONPATH"] = str(tree)
+            cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--model",
+                   str(model), "--port", str(port), "--replicas", "1"]  # fmt: skip
+            target = Target(url, Dialect.OPENAI_CHAT, BATCHSERVE_MODEL, token)
+            specs.append(StackSpec(name, cmd, env, target, f"{url}/healthz", tree))
+        elif name == "bare vLLM":
+            cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
+                   str(model), "--served-model-name", "tiny", "--dtype", "float32",
+                   "--enforce-eager", "--max-model-len", "1024", "--port", str(port),
+                   "--host", "127.0.0.1"]  # fmt: skip
+            target = Target(url, Dialect.OPENAI_CHAT, "tiny")
+            specs.append(StackSpec(name, cmd, base_env, target, f"{url}/health"))
+        elif name in ("Ray Serve LLM", "Ray Serve LLM direct"):
+            env = {**base_env, **_ray_isolation(slot, work)}
+            if name == "Ray Serve LLM direct":
+                env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                            "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"})  # fmt: skip
+            else:
+                env.pop("RAY_SERVE_ENABLE_HA_PROXY", None)
+                env.pop("RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING", None)
+            cmd = [sys.executable, "-m", "loadtest.peers", "ray-serve-llm", "--model",
+                   str(model), "--port", str(port), "--served-model-name", "tiny"]  # fmt: skip
+            target = Target(url, Dialect.OPENAI_CHAT, "tiny")
+            specs.append(StackSpec(name, cmd, env, target, f"{url}/v1/models"))
+        else:
+            raise ValueError(f"unknown stack {name!r}; known: {', '.join(STACKS)} and variants")
+    return specs
+
+
+def start_stacks(stack: ExitStack, specs: list[StackSpec], work: Path) -> list[Stack]:
+    """Start the stacks one after another (on 2 cores, Ray's start-up health checks time out
+    when several start at once), each waiting for the previous one to be healthy; all stay up
+    (different ports and Ray instances)."""
+    stacks = []
+    for spec in specs:
+        slug = spec.name.replace(" ", "-").lower()
+        log = work / f"{slug}.log"
+        t0 = time.monotonic()
+        proc = stack.enter_context(_process(spec.cmd, spec.env, log, spec.cwd))
+        while not _healthy(spec.health):
+            if proc.poll() is not None or time.monotonic() - t0 > START_TIMEOUT_S:
+                why = "exited" if proc.poll() is not None else "timeout"
+                raise RuntimeError(f"{spec.name} did not start ({why}); log in {log}")
+            time.sleep(2)
+        print(f"{spec.name} up in {time.monotonic() - t0:.0f} s", flush=True)
+        stacks.append(Stack(spec.name, spec.target, spec.health, proc.pid))
     return stacks
+
+
+def wait_idle(max_busy: float = 0.25, timeout_s: float = 180) -> float:
+    """Wait until the machine's CPU use (over 3 s) falls below `max_busy`; return the last
+    reading. Start-up leaves engines compiling and Ray settling for a while."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        busy = psutil.cpu_percent(interval=3) / 100
+        if busy < max_busy or time.monotonic() > deadline:
+            return busy
 
 
 def burst(s: Stack, sessions: list[Any], streams: int, tok: HFTokenizer) -> dict[str, Any]:
@@ -162,25 +270,28 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
-def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
+    """One row per stack and stream count: medians over rounds; the ratio to `reference` is
+    taken within each round (same drift), then summarised by its median and spread."""
+    names = list(dict.fromkeys(r["stack"] for r in runs))
     rows = []
     for streams in STREAMS:
-        for name in ("batchserve", "bare vLLM"):
+        for name in names:
             mine = [r["summary"] for r in runs if r["stack"] == name and r["streams"] == streams]
             if not mine:
                 continue
             ratios = []
             for rnd in sorted({r["round"] for r in runs}):
-                pair = {r["stack"]: r["summary"] for r in runs
+                same = {r["stack"]: r["summary"] for r in runs
                         if r["round"] == rnd and r["streams"] == streams}  # fmt: skip
-                if len(pair) == 2:
-                    ratios.append(pair[name]["output_token_throughput_tps"]
-                                  / pair["bare vLLM"]["output_token_throughput_tps"])  # fmt: skip
+                if name in same and reference in same:
+                    ratios.append(same[name]["output_token_throughput_tps"]
+                                  / same[reference]["output_token_throughput_tps"])  # fmt: skip
             rows.append({
                 "stack": name,
                 "streams": streams,
                 "tps": _stats([m["output_token_throughput_tps"] for m in mine]),
-                "ratio": _stats(ratios),
+                "ratio": _stats(ratios) if ratios else None,
                 "ttft_p50_ms": statistics.median(m["ms"]["ttft"]["p50"] for m in mine),
                 "ttft_p99_ms": statistics.median(m["ms"]["ttft"]["p99"] for m in mine),
                 "itl_p50_ms": statistics.median(m["ms"]["itl"]["p50"] for m in mine),
@@ -192,6 +303,36 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def cpu_rows(runs: list[dict[str, Any]], streams: int = 32, top: int = 8) -> list[dict[str, Any]]:
+    """Per stack: CPU ms per output token by process kind at `streams` (median over rounds)."""
+    out = []
+    for name in dict.fromkeys(r["stack"] for r in runs):
+        mine = [r["summary"] for r in runs if r["stack"] == name and r["streams"] == streams
+                and r["summary"].get("cpu_s") and r["summary"]["output_tokens"]]  # fmt: skip
+        if not mine:
+            continue
+        labels = {k for m in mine for k in m["cpu_s"]}
+        per = {k: statistics.median(1000 * m["cpu_s"].get(k, 0.0) / m["output_tokens"]
+                                    for m in mine) for k in labels}  # fmt: skip
+        total = statistics.median(1000 * sum(m["cpu_s"].values()) / m["output_tokens"]
+                                  for m in mine)  # fmt: skip
+        others = statistics.median(m["cpu_s_other_stacks"] / m["duration_s"] for m in mine)
+        ranked = sorted(per.items(), key=lambda kv: -kv[1])
+        out.append({"stack": name, "streams": streams, "cpu_ms_per_token": total,
+                    "by_process": ranked[:top], "other_stacks_cpu_cores": others})  # fmt: skip
+    return out
+
+
+def cpu_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| stack | CPU ms / output token | by process (ms / token) | idle stacks, cores |",
+             "|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in r["by_process"] if v >= 0.005)
+        lines.append(f"| {r['stack']} | {r['cpu_ms_per_token']:.2f} | {parts} "
+                     f"| {r['other_stacks_cpu_cores']:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| stack | streams | output tok/s | vs bare vLLM | TTFT p50 ms | TTFT p99 ms "
             "| ITL p50 ms | tok/s min-max | ratio min-max |\n"
@@ -199,11 +340,12 @@ def table(rows: list[dict[str, Any]]) -> str:
     lines = [head]
     for r in rows:
         ratio, tps = r["ratio"], r["tps"]
+        med = f"{ratio['median']:.2f}x" if ratio else "-"
+        spread = f"{ratio['min']:.2f}x-{ratio['max']:.2f}x" if ratio else "-"
         lines.append(
-            f"| {r['stack']} | {r['streams']} | {tps['median']:,.0f} | {ratio['median']:.2f}x "
+            f"| {r['stack']} | {r['streams']} | {tps['median']:,.0f} | {med} "
             f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} "
-            f"| {tps['min']:,.0f}-{tps['max']:,.0f} "
-            f"| {ratio['min']:.2f}x-{ratio['max']:.2f}x |"
+            f"| {tps['min']:,.0f}-{tps['max']:,.0f} | {spread} |"
         )
     return "\n".join(lines)
 
@@ -216,13 +358,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--out-dir", type=Path, default=Path("bench"))
     p.add_argument("--profile", action="store_true",
-                   help="py-spy both stacks during 32-stream bursts")  # fmt: skip
+                   help="py-spy every stack during 32-stream bursts")  # fmt: skip
     p.add_argument("--no-crosscheck", dest="crosscheck", action="store_false",
                    help="skip the comparison with vllm.benchmarks' client")  # fmt: skip
+    p.add_argument("--stacks", default=",".join(DEFAULT_STACKS),
+                   help=f"comma-separated, from: {', '.join(STACKS)}")  # fmt: skip
+    p.add_argument("--variant", action="append", default=[], type=Variant.parse,
+                   metavar="NAME[:tree=DIR][:KEY=VALUE]...",
+                   help="A/B: add `batchserve NAME` run from a copy of the repo and/or with "
+                        "extra env (repeatable)")  # fmt: skip
     ns = p.parse_args(argv)
-    work = ns.out_dir / "work"
+    names = [n.strip() for n in ns.stacks.split(",") if n.strip()]
+    names += [v.name for v in ns.variant if v.name not in names]
+    reference = REFERENCE if REFERENCE in names else names[0]
+    work = (ns.out_dir / "work").resolve()
     work.mkdir(parents=True, exist_ok=True)
-    model = ns.model or build_model(work)
+    model = (ns.model or build_model(work)).resolve()
     tok = HFTokenizer(model)
     n = max(s * REQUESTS_PER_STREAM[s] for s in STREAMS)
     sessions = synthetic(tok, n, LengthDist.parse(ns.input_len),
@@ -233,23 +384,32 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.now(UTC)
     with ExitStack() as es:
         t0 = time.monotonic()
-        stacks = start_stacks(es, model, work)
-        print(f"both stacks up in {time.monotonic() - t0:.0f} s", flush=True)
+        stacks = start_stacks(es, stack_specs(model, work, names, ns.variant), work)
+        print(f"{len(stacks)} stacks up in {time.monotonic() - t0:.0f} s", flush=True)
         for s in stacks:  # one unmeasured burst each
             burst(s, sessions, 8, tok)
+        idle = wait_idle()
+        print(f"CPU busy {idle:.0%} with every stack idle", flush=True)
         for rnd in range(ns.rounds):
             for streams in STREAMS:
-                order = stacks if rnd % 2 == 0 else stacks[::-1]
+                k = rnd % len(stacks)  # a, b, c, d, then b, c, d, a, ...
+                order = stacks[k:] + stacks[:k]
                 for s in order:
+                    before = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
                     summary = burst(s, sessions, streams, tok)
+                    after = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
+                    summary["cpu_s"] = cpu_share.spent(before[s.name], after[s.name])
+                    summary["cpu_s_other_stacks"] = sum(
+                        sum(cpu_share.spent(before[o.name], after[o.name]).values())
+                        for o in stacks if o is not s)  # fmt: skip
                     runs.append({"round": rnd, "stack": s.name, "streams": streams,
                                  "summary": summary})  # fmt: skip
-                    print(f"round {rnd} {s.name:>10} {streams:>2} streams: "
+                    print(f"round {rnd} {s.name:>20} {streams:>2} streams: "
                           f"{summary['output_token_throughput_tps']:7.1f} tok/s, TTFT p50 "
                           f"{summary['ms']['ttft'].get('p50', float('nan')):6.0f} ms, "
                           f"errors {summary['errors']}", flush=True)  # fmt: skip
-        if ns.crosscheck:
-            vllm = next(s for s in stacks if s.name == "bare vLLM")
+        if ns.crosscheck and REFERENCE in names:
+            vllm = next(s for s in stacks if s.name == REFERENCE)
             check = crosscheck(vllm.target, sessions[:64], 8)
             print(f"cross-check vs vllm.benchmarks at 8 streams: throughput ratio "
                   f"{check['throughput_ratio']:.3f}, TTFT p50 ratio "
@@ -269,9 +429,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"profile {s.name}: {prof.get('samples')} samples; by process "
                       f"{[(k, round(v, 3)) for k, v in prof.get('by_process', [])[:6]]}",
                       flush=True)  # fmt: skip
-    rows = aggregate(runs)
+    rows = aggregate(runs, reference)
+    cpu = cpu_rows(runs)
     text = table(rows)
     print(text)
+    print(f"\nCPU at 32 streams:\n{cpu_table(cpu)}")
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
     doc = {
         "schema": report.SCHEMA + "+bench",
@@ -279,9 +441,14 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {**report.versions(), **stack_versions()},
         "machine": machine(),
         "config": {"model": str(model), "rounds": ns.rounds, "input_len": ns.input_len,
+                   "stacks": names, "reference": reference, "idle_cpu_busy": idle,
+                   "variants": [{"name": v.name, "tree": str(v.tree or ""), "env": v.env}
+                                for v in ns.variant],
                    "output_len": ns.output_len, "streams": STREAMS,
                    "requests_per_stream": REQUESTS_PER_STREAM, "dialect": "openai-chat"},
         "rows": rows,
+        "cpu_32_streams": cpu,
+        "cpu_table_markdown": cpu_table(cpu),
         "crosscheck_vllm_bench": check,
         "profiles": profiles,
         "runs": runs,
@@ -291,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(doc, indent=2, default=str))
     series = {
         name: [(float(r["streams"]), r["tps"]["median"]) for r in rows if r["stack"] == name]
-        for name in ("batchserve", "bare vLLM")
+        for name in names
     }
     page = ("<!doctype html><html><head><meta charset='utf-8'><title>make bench</title></head>"
             f"<body><h1>make bench {doc['created']}</h1><pre>{text}</pre>"

@@ -186,6 +186,16 @@ class Settings(BaseSettings):
             raise ValueError("the model catalog is empty")
         return self
 
+    @model_validator(mode="after")
+    def _stall_seen_before_timeout(self) -> Settings:
+        # Timed-out requests are aborted, after which a stopped engine looks idle: the
+        # watchdog must be able to see the stall while requests are still waiting.
+        if self.engine_stall_s + self.health_check_period_s >= self.request_timeout_s:
+            raise ValueError(
+                "engine_stall_s + health_check_period_s must be below request_timeout_s"
+            )
+        return self
+
     @property
     def served_model(self) -> ModelSpec:
         """The catalog entry this application serves (the first one)."""

@@ -141,7 +141,10 @@ async def test_fast_requests_are_not_affected(settings: Settings) -> None:
 def service(engine: FakeEngine, timeout_s: float) -> CompletionService:
     metrics = GatewayMetrics(CollectorRegistry(), model=MODEL)
     budget = Budget(
-        context_window=4096, default_max_tokens=16, default_temperature=0.6, non_stream_max_tokens=16
+        context_window=4096,
+        default_max_tokens=16,
+        default_temperature=0.6,
+        non_stream_max_tokens=16,
     )
     return CompletionService(
         engine,

@@ -89,9 +89,7 @@ def test_stalled_reader_is_aborted_and_others_unaffected(
         wait_for(lambda: big_engine.produced > 100, 10)
         # Another stream on the same server is served in full meanwhile.
         with httpx.Client(base_url=base, timeout=10) as other:
-            r = other.post(
-                path, headers=AUTH, json={**body, "max_tokens": 3, "stream": False}
-            )
+            r = other.post(path, headers=AUTH, json={**body, "max_tokens": 3, "stream": False})
         assert r.status_code == 200, r.text
         # Past the stall limit the stalled request is aborted and its engine request freed.
         waited = wait_for(lambda: len(big_engine.aborted) == 1, STALL_S * 2 + 5)
@@ -113,17 +111,19 @@ def test_a_slow_but_steady_reader_is_not_aborted(settings: Settings) -> None:
     """Reading slower than the engine writes is fine as long as frames keep being taken."""
     engine = FakeEngine(reply=" ".join(["x" * 50] * 40), context_window=100_000)
     changed = settings.model_copy(update={"stream_stall_s": STALL_S})
-    with live(changed, engine) as url:
-        with httpx.stream(
+    with (
+        live(changed, engine) as url,
+        httpx.stream(
             "POST",
             url + RUN_URL,
             headers=AUTH,
             json={"prompt": "hi", "stream": True, "max_tokens": 40},
             timeout=10,
-        ) as r:
-            got = b""
-            for chunk in r.iter_raw(256):
-                got += chunk
-                time.sleep(0.01)
+        ) as r,
+    ):
+        got = b""
+        for chunk in r.iter_raw(256):
+            got += chunk
+            time.sleep(0.01)
     assert got.endswith(b"data: [DONE]\n\n")
     assert engine.aborted == [] and len(engine.finished) == 1

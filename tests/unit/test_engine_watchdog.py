@@ -110,3 +110,13 @@ async def test_vllm_engine_health_check_consults_the_watchdog(clock: Clock) -> N
         await engine.check_health()
     engine._outputs += 1  # it produced something again
     await engine.check_health()
+
+
+def test_settings_refuse_a_stall_limit_the_timeout_would_hide() -> None:
+    from pydantic import ValidationError
+
+    from serve.settings import Settings
+
+    assert Settings().engine_stall_s + Settings().health_check_period_s < 300
+    with pytest.raises(ValidationError, match="engine_stall_s"):
+        Settings(request_timeout_s=60, engine_stall_s=60)

@@ -25,9 +25,15 @@ def test_short_closed_loop_run(cluster: Cluster, tiny_qwen2_dir: Path, dialect: 
     s = summarize(out.results)
     assert s["completed"] == 8, [r.error for r in out.results]
     assert s["output_token_throughput_tps"] > 0
+    # The random-weight model can end a reply with tokens that decode to no text at
+    # all; such a reply has no first content-bearing event, so no TTFT.
+    with_text = [r for r in out.results if r.text]
+    assert len(with_text) >= len(out.results) // 2
     for r in out.results:
-        assert r.ttfb_s is not None and r.ttft_s is not None
-        assert 0 < r.ttfb_s <= r.ttft_s <= r.e2e_s
+        assert r.ttfb_s is not None and 0 < r.ttfb_s <= r.e2e_s
+        assert (r.ttft_s is not None) == bool(r.text)
+        if r.ttft_s is not None:
+            assert r.ttfb_s <= r.ttft_s <= r.e2e_s
         assert r.output_tokens_server is not None and 0 < r.output_tokens_server <= 12
         assert len(r.chunk_offsets_s) >= 1
         # raw prompts on the Workers AI route: the server counts exactly the asked tokens

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI
+from opentelemetry.trace import Tracer
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.registry import Collector
 
@@ -74,6 +75,14 @@ def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
     return Gate(limiter, queue, ledger)
 
 
+def _configured_tracer(settings: Settings, replica_id: str) -> Tracer | None:
+    if settings.otel_traces_endpoint is None:
+        return None
+    from serve.gateway.tracing import otlp_tracer
+
+    return otlp_tracer(settings.otel_traces_endpoint, replica_id=replica_id)
+
+
 def build_gateway(
     settings: Settings,
     engine: Engine,
@@ -82,6 +91,7 @@ def build_gateway(
     behind_serve: bool = False,
     registry: CollectorRegistry | None = None,
     engine_metrics: Collector | None = None,
+    tracer: Tracer | None = None,
 ) -> FastAPI:
     """The gateway app in front of one engine (also what gateway tests build).
 
@@ -103,6 +113,7 @@ def build_gateway(
             [registry] if engine_metrics is None else [registry, engine_metrics],
             replica=replica_id,
         ),
+        tracer=tracer if tracer is not None else _configured_tracer(settings, replica_id),
     )
     budget = Budget(
         context_window=engine.info.context_window,
@@ -144,6 +155,7 @@ def compose_replica(settings: Settings, replica_id: str) -> tuple[Engine, FastAP
         cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         content_as_text=settings.chat_content_as_text,
         stall_s=settings.engine_stall_s,
+        otlp_traces_endpoint=settings.otel_traces_endpoint,
     )
     log_to_stderr(logging.getLogger(ACCESS_LOGGER))  # one JSON line per request
     # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry

@@ -156,6 +156,10 @@ class Settings(BaseSettings):
     # `log_prompts` (debug only) adds prompt token ids and generated text to it.
     access_log: bool = True
     log_prompts: bool = False
+    # OpenTelemetry: OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces).
+    # Unset = tracing off. Set, every request gets a gateway span and vLLM's engine
+    # spans nest under it.
+    otel_traces_endpoint: str | None = None
 
     tenants_file: Path | None = None
     # Shared tenant state (rate limits, usage) once there is more than one replica, e.g.

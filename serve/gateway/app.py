@@ -16,6 +16,7 @@ from serve.gateway.openai_routes import openai_router
 from serve.gateway.request_id import RequestIdMiddleware
 from serve.gateway.request_record import record_of
 from serve.gateway.security_headers import SecurityHeadersMiddleware
+from serve.gateway.tracing import TracingMiddleware
 from serve.gateway.usage_routes import usage_router
 from serve.gateway.workers_ai_routes import workers_ai_router
 
@@ -34,6 +35,8 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
     app.add_middleware(RequestIdMiddleware, behind_serve=ctx.behind_serve)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(RateHeadersMiddleware)  # X-RateLimit-* from admission
+    if observability.tracer is not None:  # outermost: the span covers the whole request
+        app.add_middleware(TracingMiddleware, tracer=observability.tracer)
 
     async def on_batchserve_error(request: Request, exc: Exception) -> Response:
         record_of(request.scope).fail(exc)

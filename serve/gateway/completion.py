@@ -18,6 +18,7 @@ from typing import Any
 from serve.errors import ContextWindowExceeded, OutOfCapacity, RequestTimeout
 from serve.gateway.admission import Caller, Gate, Ticket
 from serve.gateway.request_record import RequestRecord
+from serve.gateway.tracing import current_trace_headers
 from serve.metrics import GatewayMetrics, yes_no
 from serve.replica.engine import Engine, FinishReason, GenerateRequest, SamplingOptions
 
@@ -317,6 +318,7 @@ class CompletionService:
             prompt_token_ids=prompt_token_ids,
             sampling=options,
             cache_salt=cache_salt,
+            trace_headers=current_trace_headers(),
         )
         if record is None:
             return PreparedRequest(request=request, stream=stream, clamped=clamped)

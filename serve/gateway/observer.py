@@ -13,6 +13,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from opentelemetry.trace import Tracer
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -97,6 +98,8 @@ class Observability:
     metrics: GatewayMetrics
     access_log: AccessLog
     exposition: ReplicaExposition
+    # OpenTelemetry tracer (None: tracing off, the default).
+    tracer: Tracer | None = None
 
     def metrics_response(self) -> Response:
         return Response(self.exposition.render(), media_type=self.exposition.content_type)

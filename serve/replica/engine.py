@@ -45,6 +45,8 @@ class GenerateRequest:
     sampling: SamplingOptions
     # Per-tenant salt: prefix-cache entries are never shared across tenants.
     cache_salt: str | None = None
+    # W3C trace context of the gateway span (tracing on), so engine spans nest under it.
+    trace_headers: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ class VllmEngine:
         cpu_kv_cache_gib: int = 2,
         content_as_text: bool = True,
         stall_s: float = 60.0,
+        otlp_traces_endpoint: str | None = None,
     ) -> None:
         # vllm reads this at engine start; it only matters for the CPU backend.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
@@ -64,6 +65,8 @@ class VllmEngine:
             enforce_eager=args.enforce_eager,
             enable_prefix_caching=args.enable_prefix_caching,
             seed=args.seed,
+            # Engine spans (tracing on) join the gateway's trace via `trace_headers`.
+            otlp_traces_endpoint=otlp_traces_endpoint,
         )
         log.info(
             "starting vLLM %s engine for %s with weights %s",
@@ -102,7 +105,12 @@ class VllmEngine:
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
-        stream = self._llm.generate(prompt, _sampling_params(request.sampling), request.request_id)
+        stream = self._llm.generate(
+            prompt,
+            _sampling_params(request.sampling),
+            request.request_id,
+            trace_headers=request.trace_headers,
+        )
         # aclosing: if our caller stops early (client gone, cancellation) the inner
         # generator is closed right here, and vLLM aborts the request on GeneratorExit.
         async with contextlib.aclosing(stream):

@@ -65,10 +65,14 @@ class Stack:
     pid: int
 
 
-def _free_port() -> int:
+def _port(slot: int, k: int) -> int:
+    """Port k (0-19) of stack `slot`, below Linux's ephemeral range (32768+): a port picked by
+    binding to 0 can be taken by an outgoing connection (Ray opens many) before the server
+    binds it. Fails if something already listens there."""
+    port = 20000 + 20 * slot + k
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        s.bind(("0.0.0.0", port))  # HAProxy binds all interfaces
+    return port
 
 
 def _healthy(url: str) -> bool:
@@ -124,20 +128,20 @@ def _ray_isolation(slot: int, work: Path) -> dict[str, str]:
     """Env that keeps several Ray Serve instances on one machine apart: HAProxy's files and
     ports, Serve's fallback proxy ports and the direct-ingress port ranges are fixed by default."""
     hap = Path(tempfile.mkdtemp(prefix=f"bench-haproxy-{slot}-"))
-    lo = 30000 + 200 * slot
+    lo = 22000 + 200 * slot
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_port(slot, 1)),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_port(slot, 2)),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_port(slot, 3)),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_port(slot, 4)),
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(lo + 199),
-        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(lo + 10000),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(lo + 10199),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(lo + 4000),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(lo + 4199),
     }
 
 
@@ -169,7 +173,7 @@ def stack_specs(
                      "VLLM_CPU_KVCACHE_SPACE": "1"})  # fmt: skip
     specs = []
     for slot, name in enumerate(names):
-        port = _free_port()
+        port = _port(slot, 0)
         url = f"http://127.0.0.1:{port}"
         if name == "batchserve" or name in by_variant:
             env = {**base_env, **_ray_isolation(slot, work), "BATCHSERVE_DEV_TOKEN": token,
@@ -368,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="A/B: add `batchserve NAME` run from a copy of the repo and/or with "
                         "extra env (repeatable)")  # fmt: skip
     ns = p.parse_args(argv)
+    # Stop every stack on SIGINT or SIGTERM, also when started in the background (where the
+    # shell leaves SIGINT ignored).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = [n.strip() for n in ns.stacks.split(",") if n.strip()]
     names += [v.name for v in ns.variant if v.name not in names]
     reference = REFERENCE if REFERENCE in names else names[0]

@@ -35,7 +35,7 @@ def test_short_closed_loop_run(cluster: Cluster, tiny_qwen2_dir: Path, dialect: 
         if r.ttft_s is not None:
             assert r.ttfb_s <= r.ttft_s <= r.e2e_s
         assert r.output_tokens_server is not None and 0 < r.output_tokens_server <= 12
-        assert len(r.chunk_offsets_s) >= 1
+        assert len(r.chunk_offsets_s) >= (1 if r.text else 0)
         # raw prompts on the Workers AI route: the server counts exactly the asked tokens
         if dialect is Dialect.WORKERS_AI:
             assert r.prompt_tokens_server == r.prompt_tokens_client == 16

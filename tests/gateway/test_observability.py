@@ -5,16 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -23,6 +18,7 @@ from serve.gateway.access_log import ACCESS_LOGGER
 from serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import AUTH, MODEL, RUN_URL, TOKEN
+from tests.live_server import live
 
 Labels = dict[str, str]
 
@@ -172,29 +168,6 @@ async def test_log_prompts_debug_setting(
     (line,) = access_lines(caplog)
     assert line["prompt_token_ids"] == [ord(ch) for ch in "abc"]
     assert line["output"] == r.json()["result"]["response"]
-
-
-@contextmanager
-def live(settings: Settings, engine: FakeEngine) -> Iterator[str]:
-    """The gateway on a real socket, so a client can really go away mid-stream."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(
-        build_gateway(settings, engine), log_level="warning", lifespan="off", ws="none"
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def test_client_disconnect_is_counted(settings: Settings) -> None:

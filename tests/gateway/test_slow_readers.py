@@ -15,7 +15,7 @@ import pytest
 from serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import AUTH, MODEL, RUN_URL, TOKEN
-from tests.gateway.test_workers_ai_stream import live
+from tests.live_server import live
 
 pytestmark = pytest.mark.timeout(60)
 

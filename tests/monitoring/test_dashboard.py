@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 import yaml
 from prometheus_client import CollectorRegistry
 
@@ -24,6 +21,7 @@ from serve.gateway.tenants import hash_token
 from serve.metrics import GatewayMetrics
 from serve.settings import DevTenant, Settings, cpu_catalog
 from tests.fakes import FakeEngine
+from tests.live_server import serving
 from tests.prometheus_server import RULE_FILES, PrometheusServer, prometheus
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "batchserve.json"
@@ -83,21 +81,8 @@ def gateway() -> Iterator[str]:
         }
     )
     app = build_gateway(settings, FakeEngine(delay_s=0.01), replica_id="replica-a")
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.01)
-        yield f"127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with serving(app) as address:
+        yield address
 
 
 def wait_for(prom: PrometheusServer, expr: str, timeout_s: float = 30) -> list[dict[str, Any]]:

@@ -124,10 +124,11 @@ class StackSpec:
     cwd: Path | None = None
 
 
-def _ray_isolation(slot: int, work: Path) -> dict[str, str]:
+def _ray_isolation(slot: int, tmp: Path) -> dict[str, str]:
     """Env that keeps several Ray Serve instances on one machine apart: HAProxy's files and
     ports, Serve's fallback proxy ports and the direct-ingress port ranges are fixed by default."""
-    hap = Path(tempfile.mkdtemp(prefix=f"bench-haproxy-{slot}-"))
+    hap = tmp / str(slot)  # short: HAProxy's admin socket path must fit in 108 bytes
+    hap.mkdir()
     lo = 22000 + 200 * slot
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
@@ -163,9 +164,10 @@ class Variant:
 
 
 def stack_specs(
-    model: Path, work: Path, names: list[str], variants: Sequence[Variant] = ()
+    model: Path, work: Path, tmp: Path, names: list[str], variants: Sequence[Variant] = ()
 ) -> list[StackSpec]:
-    """The stacks to run, in `names` order (a variant's name picks the variant)."""
+    """The stacks to run, in `names` order (a variant's name picks the variant); `tmp` holds
+    the Ray stacks' HAProxy files."""
     by_variant = {v.name: v for v in variants}
     token = "bench-" + secrets.token_urlsafe(16)
     base_env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -176,7 +178,7 @@ def stack_specs(
         port = _port(slot, 0)
         url = f"http://127.0.0.1:{port}"
         if name == "batchserve" or name in by_variant:
-            env = {**base_env, **_ray_isolation(slot, work), "BATCHSERVE_DEV_TOKEN": token,
+            env = {**base_env, **_ray_isolation(slot, tmp), "BATCHSERVE_DEV_TOKEN": token,
                    "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
                    "BATCHSERVE_CACHE_DIR": str(work / f"cache-{slot}")}  # fmt: skip
             tree = None
@@ -197,7 +199,7 @@ def stack_specs(
             target = Target(url, Dialect.OPENAI_CHAT, "tiny")
             specs.append(StackSpec(name, cmd, base_env, target, f"{url}/health"))
         elif name in ("Ray Serve LLM", "Ray Serve LLM direct"):
-            env = {**base_env, **_ray_isolation(slot, work)}
+            env = {**base_env, **_ray_isolation(slot, tmp)}
             if name == "Ray Serve LLM direct":
                 env.update({"RAY_SERVE_ENABLE_HA_PROXY": "1",
                             "RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"})  # fmt: skip
@@ -392,8 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     profiles: dict[str, Any] = {}
     started = datetime.now(UTC)
     with ExitStack() as es:
+        tmp = Path(es.enter_context(tempfile.TemporaryDirectory(prefix="bh-")))
         t0 = time.monotonic()
-        stacks = start_stacks(es, stack_specs(model, work, names, ns.variant), work)
+        stacks = start_stacks(es, stack_specs(model, work, tmp, names, ns.variant), work)
         print(f"{len(stacks)} stacks up in {time.monotonic() - t0:.0f} s", flush=True)
         for s in stacks:  # one unmeasured burst each
             burst(s, sessions, 8, tok)

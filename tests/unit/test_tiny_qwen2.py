@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
+import transformers
 
 from tests.fixtures.tiny_qwen2 import DEFAULT_SYSTEM_PROMPT, build_tiny_qwen2
-
-transformers = pytest.importorskip("transformers")
 
 
 def test_fixture_builds_a_complete_checkpoint(tiny_qwen2_dir: Path) -> None:

@@ -17,8 +17,6 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
 from serve.errors import ModelNotInPlan, TenantRateLimited
 from serve.gateway.fair_queue import FairQueue, Lease
 from serve.gateway.ledger import UsageLedger, UsageRecord
@@ -47,33 +45,10 @@ class Caller:
 
 
 def rate_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
-    """The response headers admission reports into (sent by `RateHeadersMiddleware`)."""
+    """The response headers admission reports into (sent by `ResponseHeadersMiddleware`)."""
     state: dict[str, Any] = scope.setdefault("state", {})
     headers: dict[str, str] = state.setdefault(RATE_HEADERS_KEY, {})
     return headers
-
-
-class RateHeadersMiddleware:
-    """Adds the `X-RateLimit-*` headers admission computed (pure ASGI: streams stay unbuffered)."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_limits(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                extra = scope.get("state", {}).get(RATE_HEADERS_KEY)
-                if extra:
-                    headers = list(message.get("headers", []))
-                    headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
-                    message = {**message, "headers": headers}
-            await send(message)
-
-        await self.app(scope, receive, send_with_limits)
 
 
 @dataclass

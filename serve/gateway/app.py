@@ -7,7 +7,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
-from serve.gateway.admission import RateHeadersMiddleware
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
 from serve.gateway.models_routes import models_router
@@ -15,7 +14,7 @@ from serve.gateway.observer import Observability, RequestObserver
 from serve.gateway.openai_routes import openai_router
 from serve.gateway.request_id import RequestIdMiddleware
 from serve.gateway.request_record import record_of
-from serve.gateway.security_headers import SecurityHeadersMiddleware
+from serve.gateway.security_headers import ResponseHeadersMiddleware
 from serve.gateway.tracing import TracingMiddleware
 from serve.gateway.usage_routes import usage_router
 from serve.gateway.workers_ai_routes import workers_ai_router
@@ -33,8 +32,7 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
         RequestObserver, metrics=observability.metrics, access_log=observability.access_log
     )
     app.add_middleware(RequestIdMiddleware, behind_serve=ctx.behind_serve)
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(RateHeadersMiddleware)  # X-RateLimit-* from admission
+    app.add_middleware(ResponseHeadersMiddleware)  # security + X-RateLimit-* headers
     if observability.tracer is not None:  # outermost: the span covers the whole request
         app.add_middleware(TracingMiddleware, tracer=observability.tracer)
 

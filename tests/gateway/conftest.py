@@ -18,20 +18,27 @@ RUN_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def gateway_settings(**overrides: object) -> Settings:
+    """Settings of the gateway tier: the fake model, the dev tenant t1, a cap of 8."""
     return Settings.model_validate(
         {
-            "cache_dir": str(tmp_path / "cache"),
-            # Beyond the 4 in-flight slots, a request gets 429 at once (no gateway queue).
-            "queue_max_per_tenant": 0,
             "models": [m.model_dump() for m in cpu_catalog("/nonexistent")],
             "dev_tenant": DevTenant(
                 tenant_id="t1", account_id=ACCOUNT, token_sha256=hash_token(TOKEN)
             ).model_dump(),
             "non_stream_max_tokens": 8,
-            "max_inflight_per_replica": 4,
+            **overrides,
         }
+    )
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return gateway_settings(
+        cache_dir=str(tmp_path / "cache"),
+        # Beyond the 4 in-flight slots, a request gets 429 at once (no gateway queue).
+        queue_max_per_tenant=0,
+        max_inflight_per_replica=4,
     )
 
 

@@ -18,10 +18,8 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from serve.cluster import build_gateway
-from serve.gateway.tenants import hash_token
-from serve.settings import DevTenant, Settings, cpu_catalog
 from tests.fakes import FakeEngine
-from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, RUN_URL, TOKEN
+from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, RUN_URL, gateway_settings
 
 MAX_BODY = 4 * 1024 * 1024
 CHAT_PATH = "/v1/chat/completions"
@@ -197,16 +195,7 @@ def hostile_requests(draw: st.DrawFn) -> tuple[str, bytes]:
 
 @pytest.fixture(scope="module")
 def http() -> Iterator[TestClient]:
-    config = Settings.model_validate(
-        {
-            "models": [m.model_dump() for m in cpu_catalog("/nonexistent")],
-            "dev_tenant": DevTenant(
-                tenant_id="t1", account_id=ACCOUNT, token_sha256=hash_token(TOKEN)
-            ).model_dump(),
-            "non_stream_max_tokens": 8,
-            "max_body_bytes": MAX_BODY,
-        }
-    )
+    config = gateway_settings(max_body_bytes=MAX_BODY)
     engine = FakeEngine(reply="a b c d e", context_window=1_000_000)
     with TestClient(build_gateway(config, engine), raise_server_exceptions=False) as client:
         yield client

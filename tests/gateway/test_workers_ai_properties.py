@@ -13,11 +13,9 @@ from hypothesis import HealthCheck, event, given, settings
 
 from serve.cluster import build_gateway
 from serve.gateway.context import GatewayContext
-from serve.gateway.tenants import hash_token
 from serve.protocol.workers_ai import parse_run_input
-from serve.settings import DevTenant, Settings, cpu_catalog
 from tests.fakes import FakeEngine
-from tests.gateway.conftest import ACCOUNT, AUTH, RUN_URL, TOKEN
+from tests.gateway.conftest import AUTH, RUN_URL, gateway_settings
 from tests.schema_strategies import NEAR_BODIES, ORACLE, schema_bodies
 
 CONTEXT_WINDOW = 4096
@@ -26,15 +24,7 @@ CONTEXT_WINDOW = 4096
 @pytest.fixture(scope="module")
 def http() -> Iterator[TestClient]:
     """One app for all examples (hypothesis forbids function-scoped fixtures)."""
-    config = Settings.model_validate(
-        {
-            "models": [m.model_dump() for m in cpu_catalog("/nonexistent")],
-            "dev_tenant": DevTenant(
-                tenant_id="t1", account_id=ACCOUNT, token_sha256=hash_token(TOKEN)
-            ).model_dump(),
-            "non_stream_max_tokens": 8,
-        }
-    )
+    config = gateway_settings()
     engine = FakeEngine(reply="a b c d e", context_window=CONTEXT_WINDOW)
     with TestClient(build_gateway(config, engine), raise_server_exceptions=False) as client:
         yield client

@@ -45,7 +45,9 @@ def test_stream_equals_non_stream_at_temperature_0(sdk: openai.OpenAI) -> None:
 
 def test_completions_and_models(sdk: openai.OpenAI) -> None:
     out = sdk.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=4)
-    assert out.choices[0].text
+    # The random-weight model's tokens may decode to no text; tokens must still come back.
+    assert isinstance(out.choices[0].text, str)
+    assert out.usage is not None and 0 < out.usage.completion_tokens <= 4
     assert [m.id for m in sdk.models.list()] == [MODEL]
     assert sdk.models.retrieve(MODEL).id == MODEL
 

@@ -67,10 +67,11 @@ def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
             on_error=lambda action: errors.labels(action).inc(),
         )
     queue = FairQueue(
-        settings.max_inflight_per_replica,
+        settings.engine_slots,
         max_queued_per_tenant=settings.queue_max_per_tenant,
         max_wait_s=settings.queue_max_wait_s,
         retry_after_s=settings.retry_after_seconds,
+        reserved=settings.reserved_slots,
     )
     return Gate(limiter, queue, ledger)
 

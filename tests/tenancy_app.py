@@ -2,11 +2,13 @@
 (`uvicorn tests.tenancy_app:create_app --factory`), configured by environment:
 TENANCY_APP_DIR (cache dir: the usage ledger lives there), TENANCY_APP_TENANTS
 (tenants file), TENANCY_APP_DELAY_S (per-word delay of the fake engine),
-TENANCY_APP_MAX_INFLIGHT; with TENANCY_APP_MODEL (a checkpoint dir) the real vLLM
-engine serves instead (the fairness benchmark, tests/bench/fairness.py)."""
+TENANCY_APP_MAX_INFLIGHT, TENANCY_APP_RESERVED; with TENANCY_APP_MODEL (a checkpoint dir) the real vLLM
+engine serves instead (the fairness benchmark, tests/bench/fairness.py);
+TENANCY_APP_SETTINGS (a JSON object of Settings fields) overrides the rest."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from fastapi import FastAPI
@@ -28,7 +30,9 @@ def create_app() -> FastAPI:
             "tenants_file": os.environ["TENANCY_APP_TENANTS"],
             "max_inflight_per_replica": int(os.environ.get("TENANCY_APP_MAX_INFLIGHT", "8")),
             "queue_max_per_tenant": 256,
+            "queue_reserved_slots": int(os.environ.get("TENANCY_APP_RESERVED", "0")),
             "queue_max_wait_s": 600,
+            **json.loads(os.environ.get("TENANCY_APP_SETTINGS", "{}")),
         }
     )
     engine: Engine

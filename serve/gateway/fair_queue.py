@@ -1,16 +1,24 @@
 """Fair sharing of a replica's engine slots between tenants.
 
-A request takes slots (one per choice) while it generates. When all slots are
-taken, it waits in its tenant's bounded queue; freed slots go to the tenants
-round-robin, `weight` grants per turn (the plan's weight), so a tenant sending
-8x the load of another gets no more than its turn. A full queue, or a wait
-longer than `max_wait_s`, is a 429 with a Retry-After estimated from how long
-slots are held.
+A request takes slots (one per choice) while it generates. When it cannot
+start at once it waits in its tenant's bounded queue, and each freed slot goes
+to the waiting tenant that holds the fewest slots for its plan weight (ties:
+the one served least so far, in weighted virtual time; then arrival order). So
+a tenant sending 8x the load of another gets no more than its share, and
+holdings converge to the weights whenever both are backlogged.
+
+`reserved` slots are never filled by one tenant alone: a tenant holding
+`capacity - reserved` waits even when slots are free, so another tenant's
+first request starts at once instead of waiting for a flood's request to end.
+
+A full queue, or a wait longer than `max_wait_s`, is a 429 with a Retry-After
+estimated from how long slots are held.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections import deque
@@ -24,7 +32,16 @@ _EMA = 0.2
 @dataclass
 class _Waiter:
     slots: int
+    seq: int
     future: asyncio.Future[None]
+
+
+@dataclass
+class _Tenant:
+    weight: int
+    held: int = 0
+    vtime: float = 0.0
+    waiters: deque[_Waiter] = field(default_factory=deque)
 
 
 @dataclass
@@ -32,6 +49,7 @@ class Lease:
     """Slots held by one request; `release` is idempotent."""
 
     queue: FairQueue
+    tenant_id: str
     slots: int
     granted_at: float = field(default_factory=time.monotonic)
     released: bool = False
@@ -39,7 +57,7 @@ class Lease:
     def release(self) -> None:
         if not self.released:
             self.released = True
-            self.queue._free(self.slots, time.monotonic() - self.granted_at)
+            self.queue._free(self.tenant_id, self.slots, time.monotonic() - self.granted_at)
 
 
 class FairQueue:
@@ -50,24 +68,31 @@ class FairQueue:
         max_queued_per_tenant: int,
         max_wait_s: float,
         retry_after_s: float = 1.0,
+        reserved: int = 0,
     ) -> None:
+        if not 0 <= reserved < capacity:
+            raise ValueError("reserved slots must be fewer than the capacity")
         self.capacity = capacity
+        self.reserved = reserved
         self.max_queued_per_tenant = max_queued_per_tenant
         self.max_wait_s = max_wait_s
         self.in_use = 0
         self._min_retry_s = retry_after_s
         self._hold_s = retry_after_s  # moving average of how long a lease is held
-        self._queues: dict[str, deque[_Waiter]] = {}
-        self._weights: dict[str, int] = {}
-        self._turns: deque[str] = deque()  # tenants with waiters, in turn order
-        self._credit: dict[str, int] = {}
+        self._tenants: dict[str, _Tenant] = {}  # tenants holding or waiting for slots
+        self._seq = itertools.count()
 
     @property
     def queued(self) -> int:
-        return sum(len(q) for q in self._queues.values())
+        return sum(len(t.waiters) for t in self._tenants.values())
 
     def queued_for(self, tenant_id: str) -> int:
-        return len(self._queues.get(tenant_id, ()))
+        state = self._tenants.get(tenant_id)
+        return len(state.waiters) if state is not None else 0
+
+    def held_by(self, tenant_id: str) -> int:
+        state = self._tenants.get(tenant_id)
+        return state.held if state is not None else 0
 
     def retry_after_s(self) -> float:
         """Roughly when a slot frees for a newcomer: hold time x waiters per slot."""
@@ -77,25 +102,22 @@ class FairQueue:
     async def acquire(self, tenant_id: str, *, weight: int = 1, slots: int = 1) -> Lease:
         if slots > self.capacity:
             raise OutOfCapacity(retry_after_s=self._min_retry_s)
-        if not self._turns and self.in_use + slots <= self.capacity:
-            self.in_use += slots
-            return Lease(self, slots)
-        queue = self._queues.setdefault(tenant_id, deque())
-        if len(queue) >= self.max_queued_per_tenant:
-            if not queue:
-                self._queues.pop(tenant_id, None)
+        state = self._tenants.get(tenant_id)
+        if state is None:
+            state = self._tenants[tenant_id] = _Tenant(weight, vtime=self._virtual_now())
+        state.weight = weight
+        if not state.waiters and self._fits(state, slots):
+            self._take(state, slots)
+            return Lease(self, tenant_id, slots)
+        if len(state.waiters) >= self.max_queued_per_tenant:
+            self._forget_if_idle(tenant_id)
             raise TenantRateLimited(
                 "Rate limited: too many queued requests for this tenant",
                 retry_after_s=self.retry_after_s(),
                 reason="queue_full",
             )
-        waiter = _Waiter(slots, asyncio.get_running_loop().create_future())
-        queue.append(waiter)
-        self._weights[tenant_id] = weight
-        if tenant_id not in self._credit:
-            self._credit[tenant_id] = weight
-            self._turns.append(tenant_id)
-        self._grant()
+        waiter = _Waiter(slots, next(self._seq), asyncio.get_running_loop().create_future())
+        state.waiters.append(waiter)
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.max_wait_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -107,47 +129,61 @@ class FairQueue:
                     reason="queue_full",
                 ) from None
             raise
-        return Lease(self, slots)
+        return Lease(self, tenant_id, slots)
+
+    def _fits(self, state: _Tenant, slots: int) -> bool:
+        if self.in_use + slots > self.capacity:
+            return False
+        return state.held == 0 or state.held + slots <= self.capacity - self.reserved
+
+    def _take(self, state: _Tenant, slots: int) -> None:
+        self.in_use += slots
+        state.held += slots
+        state.vtime += slots / state.weight
+
+    def _virtual_now(self) -> float:
+        """A newcomer starts level with the least-served tenant present: no saved credit."""
+        return min((t.vtime for t in self._tenants.values()), default=0.0)
+
+    def _forget_if_idle(self, tenant_id: str) -> None:
+        state = self._tenants.get(tenant_id)
+        if state is not None and state.held == 0 and not state.waiters:
+            del self._tenants[tenant_id]
 
     def _withdraw(self, tenant_id: str, waiter: _Waiter) -> None:
         if waiter.future.done() and not waiter.future.cancelled():
             # Granted just as we gave up: hand the slots back.
-            self._free(waiter.slots, 0.0)
+            self._free(tenant_id, waiter.slots, 0.0)
             return
         waiter.future.cancel()
-        queue = self._queues.get(tenant_id)
-        if queue is not None and waiter in queue:
-            queue.remove(waiter)
-            if not queue:
-                self._drop_turn(tenant_id)
+        state = self._tenants.get(tenant_id)
+        if state is not None and waiter in state.waiters:
+            state.waiters.remove(waiter)
+            self._forget_if_idle(tenant_id)
         self._grant()
 
-    def _drop_turn(self, tenant_id: str) -> None:
-        self._queues.pop(tenant_id, None)
-        self._credit.pop(tenant_id, None)
-        if tenant_id in self._turns:
-            self._turns.remove(tenant_id)
-
-    def _free(self, slots: int, held_s: float) -> None:
+    def _free(self, tenant_id: str, slots: int, held_s: float) -> None:
         self.in_use -= slots
+        state = self._tenants.get(tenant_id)
+        if state is not None:
+            state.held -= slots
+            self._forget_if_idle(tenant_id)
         if held_s > 0:
             self._hold_s = (1 - _EMA) * self._hold_s + _EMA * held_s
         self._grant()
 
     def _grant(self) -> None:
-        """Hand free slots to waiters: the tenant whose turn it is, `weight` times, then next."""
-        while self._turns:
-            tenant_id = self._turns[0]
-            queue = self._queues[tenant_id]
-            waiter = queue[0]
-            if self.in_use + waiter.slots > self.capacity:
+        """Hand free slots to the waiting tenants that hold least for their weight."""
+        while self.in_use < self.capacity:
+            ready = [
+                (t.held / t.weight, t.vtime, t.waiters[0].seq, tid)
+                for tid, t in self._tenants.items()
+                if t.waiters and self._fits(t, t.waiters[0].slots)
+            ]
+            if not ready:
                 return
-            queue.popleft()
-            self.in_use += waiter.slots
+            tenant_id = min(ready)[3]
+            state = self._tenants[tenant_id]
+            waiter = state.waiters.popleft()
+            self._take(state, waiter.slots)
             waiter.future.set_result(None)
-            self._credit[tenant_id] -= 1
-            if not queue:
-                self._drop_turn(tenant_id)
-            elif self._credit[tenant_id] <= 0:
-                self._turns.rotate(-1)
-                self._credit[tenant_id] = self._weights.get(tenant_id, 1)

@@ -150,3 +150,60 @@ async def test_cancelled_waiter_gives_its_place_back() -> None:
     lease.release()
     lease.release()  # idempotent
     assert queue.in_use == 0 and queue.queued == 0
+
+
+async def test_freed_slot_goes_to_the_tenant_holding_least() -> None:
+    """B's next request arrives just after A's grant; B still gets the next slot although
+    A queued first and has more waiting (grants follow holdings, not queue turns)."""
+    queue = FairQueue(4, max_queued_per_tenant=100, max_wait_s=30)
+    a_leases = [await queue.acquire("A") for _ in range(3)]
+    b_lease = await queue.acquire("B")
+    a_waiting = [asyncio.create_task(queue.acquire("A")) for _ in range(5)]
+    await asyncio.sleep(0)
+    b_lease.release()  # B's stream ends; its next request is still on the wire
+    await asyncio.sleep(0)
+    assert queue.held_by("A") == 4  # the freed slot went to a waiting A (work-conserving)
+    b_next = asyncio.create_task(queue.acquire("B"))
+    await asyncio.sleep(0)
+    a_leases[0].release()
+    await asyncio.sleep(0)
+    assert queue.held_by("B") == 1 and queue.held_by("A") == 3
+    (await asyncio.wait_for(b_next, 1)).release()
+    for lease in a_leases[1:]:
+        lease.release()
+    for task in a_waiting:
+        (await task).release()
+    assert queue.in_use == 0 and queue.queued == 0 and queue.held_by("A") == 0
+
+
+async def test_backlogged_tenants_converge_to_equal_holdings() -> None:
+    queue = FairQueue(8, max_queued_per_tenant=100, max_wait_s=30)
+    order: list[str] = []
+    tasks = [asyncio.create_task(_serve(queue, "A", 1, order, 0.005)) for _ in range(80)]
+    await asyncio.sleep(0.001)
+    tasks += [asyncio.create_task(_serve(queue, "B", 1, order, 0.005)) for _ in range(20)]
+    await asyncio.sleep(0.012)  # a few rounds of releases
+    assert queue.held_by("B") == 4 and queue.held_by("A") == 4
+    await asyncio.gather(*tasks)
+
+
+async def test_reserved_slots_let_a_newcomer_start_during_a_flood() -> None:
+    queue = FairQueue(4, max_queued_per_tenant=100, max_wait_s=30, reserved=1)
+    a_leases = [await queue.acquire("A") for _ in range(3)]
+    a_waiting = asyncio.create_task(queue.acquire("A"))
+    await asyncio.sleep(0)
+    assert not a_waiting.done() and queue.in_use == 3  # A alone never fills the reserve
+    b_lease = await asyncio.wait_for(queue.acquire("B"), 0.1)  # at once, no A release
+    a_leases[0].release()
+    lease = await asyncio.wait_for(a_waiting, 1)
+    for held in (lease, b_lease, *a_leases[1:]):
+        held.release()
+    assert queue.in_use == 0 and queue.queued == 0
+
+
+async def test_a_request_wider_than_the_tenant_cap_still_runs_alone() -> None:
+    queue = FairQueue(4, max_queued_per_tenant=100, max_wait_s=30, reserved=1)
+    lease = await asyncio.wait_for(queue.acquire("A", slots=4), 0.1)  # n=4 on 4 slots
+    lease.release()
+    with pytest.raises(ValueError):
+        FairQueue(2, max_queued_per_tenant=1, max_wait_s=1, reserved=2)

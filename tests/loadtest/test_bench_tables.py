@@ -84,3 +84,32 @@ def test_cpu_spent_by_a_child_process_is_counted() -> None:
         child.kill()
         child.wait()
     assert spent.get("python -c", 0.0) >= 0.25
+
+
+def test_frozen_stops_a_whole_process_tree_and_resumes_it() -> None:
+    import psutil
+
+    from loadtest.bench import Stack, frozen
+    from loadtest.targets import Dialect, Target
+
+    # A parent with a child, both busy: the stack's root and a descendant.
+    loop = "import time\nwhile True: time.sleep(0.001)"
+    spawn = f"import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', {loop!r}])\n{loop}"
+    root = subprocess.Popen([sys.executable, "-c", spawn])
+    try:
+        top = psutil.Process(root.pid)
+        deadline = time.monotonic() + 10
+        while not top.children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (child,) = top.children()
+        stack = Stack("x", Target("http://127.0.0.1:1", Dialect.OPENAI_CHAT, "m"), "", root.pid)
+        with frozen([stack], settle_s=0.2):
+            assert top.status() == psutil.STATUS_STOPPED
+            assert child.status() == psutil.STATUS_STOPPED
+        assert top.status() != psutil.STATUS_STOPPED
+        assert child.status() != psutil.STATUS_STOPPED
+    finally:
+        for p in psutil.Process(root.pid).children(recursive=True):
+            p.kill()
+        root.kill()
+        root.wait()

@@ -239,7 +239,8 @@ def _print_summary(label: str, s: dict[str, Any]) -> None:
         f"{s.get('request_throughput_rps', 0):.2f} req/s, "
         f"TTFT p50/p99 {q('ttft', 'p50')}/{q('ttft', 'p99')} ms, "
         f"ITL p50 {q('itl', 'p50')} ms, E2E p99 {q('e2e', 'p99')} ms, "
-        f"errors {s.get('errors', 0)} (429: {s.get('rate_limited', 0)})"
+        f"errors {s.get('errors', 0)} (429: {s.get('rate_limited', 0)}"
+        + (f", refused in p99 {q('refusal', 'p99')} ms)" if s.get("rate_limited") else ")")
         + (" CLIENT-BOUND" if s.get("client", {}).get("client_bound") else "")
         + ("" if s.get("delivery", {}).get("ok", True) else " UNDER-DELIVERED"),
         flush=True,

@@ -183,6 +183,8 @@ def summarize(
             "ttft_sched": dist(r.ttft_sched_s for r in ok),
             "e2e_sched": dist(r.e2e_sched_s for r in ok),
             "dispatch_lag": dist(r.dispatch_lag_s for r in results),
+            # How long a refused request took to be refused (429), from its send.
+            "refusal": dist(r.e2e_s for r in results if r.rate_limited),
         },
         "output_length": {
             "requested_mean": sum(requested) / len(requested) if requested else math.nan,

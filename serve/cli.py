@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve.settings import (
     QWEN_API_NAME,
@@ -21,6 +22,9 @@ from serve.settings import (
     Settings,
     cpu_catalog,
 )
+
+if TYPE_CHECKING:
+    from serve.cluster import LocalCluster
 
 log = logging.getLogger("batchserve")
 
@@ -163,13 +167,19 @@ def cmd_up(ns: argparse.Namespace) -> int:
     # Direct ingress keeps a stopping replica draining for 30 s by default; locally,
     # Ctrl-C should not take that long.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
+    # Serve echoes the client's x-request-id itself: sanitise it before Serve reads it.
+    from serve.gateway.request_id import SERVE_CALLBACK, SERVE_CALLBACK_ENV
+
+    os.environ.setdefault(SERVE_CALLBACK_ENV, SERVE_CALLBACK)
     if settings.profile == "cpu":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
+    _use_haproxy_wrapper(settings)
     from serve.cluster import LocalCluster
 
     stop = threading.Event()
     started = threading.Event()
+    rollout = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
@@ -178,6 +188,9 @@ def cmd_up(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    # SIGUSR1: rolling restart (Serve replaces the replicas one at a time, each draining).
+    # Not SIGHUP: a closed terminal sends that, and must not look like a redeploy.
+    signal.signal(signal.SIGUSR1, lambda _signum, _frame: rollout.set())
     spec = settings.served_model
     print(
         f"starting {spec.name} with weights {spec.described_weights} ({settings.profile})",
@@ -194,7 +207,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
                 return 1
             return 0
         print(_banner(settings, token), flush=True)
-        stop.wait()
+        while not stop.wait(0.5):
+            if rollout.is_set():
+                rollout.clear()
+                _start_rollout(cluster)
         print("stopping batchserve ...", flush=True)
         return 0
     except KeyboardInterrupt:
@@ -202,6 +218,37 @@ def cmd_up(ns: argparse.Namespace) -> int:
         return 130
     finally:
         cluster.stop()
+
+
+def _use_haproxy_wrapper(settings: Settings) -> None:
+    """Point Ray at a HAProxy wrapper that adds `timeout http-request` from the settings
+    (serve/ingress.py). It wraps the HAProxy the environment names, if any, unless that is
+    already a wrapper of ours (the images ship one): then the bundled HAProxy."""
+    from serve.ingress import is_wrapper, write_haproxy_wrapper
+
+    configured = os.environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or None
+    if configured is not None and is_wrapper(Path(configured)):
+        configured = None
+    wrapper = write_haproxy_wrapper(
+        settings.cache_dir / "bin" / "haproxy",
+        settings.http_request_timeout_s,
+        real_binary=configured,
+    )
+    os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
+
+
+def _start_rollout(cluster: LocalCluster) -> None:
+    """Redeploy in the background; the main loop keeps answering signals meanwhile."""
+
+    def run() -> None:
+        try:
+            cluster.rollout()
+            print("rolling restart done", flush=True)
+        except Exception:
+            log.exception("rolling restart failed")
+
+    print("rolling restart: replacing replicas one at a time ...", flush=True)
+    threading.Thread(target=run, name="batchserve-rollout", daemon=True).start()
 
 
 def cmd_prepare_model(ns: argparse.Namespace) -> int:

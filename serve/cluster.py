@@ -72,6 +72,7 @@ def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
         max_wait_s=settings.queue_max_wait_s,
         retry_after_s=settings.retry_after_seconds,
         reserved=settings.reserved_slots,
+        max_queued_total=settings.queue_max_total,
     )
     return Gate(limiter, queue, ledger)
 
@@ -137,6 +138,7 @@ def build_gateway(
         authenticator=Authenticator(tenant_store(settings)),
         completions=completions,
         max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
         replica_id=replica_id,
         behind_serve=behind_serve,
         stream_padding=settings.stream_padding,
@@ -196,6 +198,15 @@ class LocalCluster:
             route_prefix="/",
             blocking=False,
         )
+
+    def rollout(self) -> None:
+        """Rolling restart: deploy the application again. Serve gives every `run` a new
+        version, so it replaces the replicas one at a time; each old one drains (HAProxy
+        stops sending it requests, its streams finish within graceful_shutdown_timeout_s)
+        and new replicas import the code on disk afresh. Returns when all are replaced."""
+        from ray import serve as rayserve
+
+        rayserve.run(build_application(self.settings), name=self.APP_NAME, route_prefix="/")
 
     def stop(self) -> None:
         """Stop Serve and Ray, then anything they left behind (engine processes)."""

@@ -18,6 +18,8 @@ class BatchserveError(Exception):
     # Errors raised before the request reached inference carry `result: null`
     # (Cloudflare's API-gateway layer); inference-layer errors carry `result: {}`.
     gateway_layer: bool = False
+    # The response closes the connection (the request was not read to its end).
+    close_connection: bool = False
 
     def __init__(
         self,
@@ -208,6 +210,18 @@ class RequestTimeout(BatchserveError):
 
     def __init__(self, message: str = "AiError: Request timeout") -> None:
         super().__init__(message)
+
+
+class BodyTimeout(RequestTimeout):
+    """The client did not send its whole request body in time (a slow or stalled upload)."""
+
+    gateway_layer = True
+    close_connection = True
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"AiError: Request timeout: the request body took longer than {timeout_s:g} s"
+        )
 
 
 class EngineFailure(BatchserveError):

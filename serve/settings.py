@@ -34,6 +34,10 @@ class EngineArgs(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
+    # None: off on the CPU backend (see `serve.replica.vllm_engine`), vLLM's default (on)
+    # elsewhere. Off, every prompt is prefilled in one step (vLLM then raises
+    # max_num_batched_tokens to at least max_model_len).
+    enable_chunked_prefill: bool | None = None
     seed: int = 0
 
 
@@ -145,6 +149,13 @@ class Settings(BaseSettings):
     engine_stall_s: float = Field(default=60.0, gt=0)
     stream_stall_s: float = Field(default=30.0, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
+    # Slow clients: a request body not fully received this long after the handler starts
+    # reading it is answered 408/3007 (HAProxy's `timeout http-request` covers headers).
+    body_timeout_s: float = Field(default=60.0, gt=0)
+    # The ingress (Serve's HAProxy): request headers not complete within this many
+    # seconds close the connection (`timeout http-request`; slowloris). `batchserve up`
+    # applies it; see serve/ingress.py.
+    http_request_timeout_s: int = Field(default=10, ge=1)
     # KV cache for vLLM's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     # Ray Serve health check cadence for replicas.
@@ -172,6 +183,10 @@ class Settings(BaseSettings):
     # Fair sharing: requests wait in a bounded per-tenant queue when the replica is full.
     queue_max_per_tenant: int = Field(default=64, ge=0)
     queue_max_wait_s: float = Field(default=30.0, gt=0)
+    # All tenants together: requests waiting in one replica's fair queue. Beyond it a
+    # request that cannot start at once is refused at once (429/3040), so a burst's
+    # excess costs milliseconds and memory stays bounded however many tenants burst.
+    queue_max_total: int = Field(default=256, ge=0)
     # Slots one tenant alone can never fill, so another tenant's first request starts at
     # once during a flood (its time to first token stays near the idle figure). None:
     # one in 16 of the replica's engine slots (0 below 16 slots).

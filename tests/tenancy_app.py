@@ -2,8 +2,8 @@
 (`uvicorn tests.tenancy_app:create_app --factory`), configured by environment:
 TENANCY_APP_DIR (cache dir: the usage ledger lives there), TENANCY_APP_TENANTS
 (tenants file), TENANCY_APP_DELAY_S (per-word delay of the fake engine),
-TENANCY_APP_MAX_INFLIGHT, TENANCY_APP_RESERVED; with TENANCY_APP_MODEL (a checkpoint dir) the real vLLM
-engine serves instead (the fairness benchmark, tests/bench/fairness.py);
+TENANCY_APP_MAX_INFLIGHT, TENANCY_APP_RESERVED; with TENANCY_APP_MODEL (a checkpoint
+dir) the real vLLM engine serves instead (the fairness benchmark, tests/bench/fairness.py);
 TENANCY_APP_SETTINGS (a JSON object of Settings fields) overrides the rest."""
 
 from __future__ import annotations

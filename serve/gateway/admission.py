@@ -169,6 +169,15 @@ class Gate:
             raise
         return Ticket(self, caller, request_id, reservation, lease, pending=choices)
 
+    def refuse_early(self, tenant_id: str) -> None:
+        """Refuse now what `admit` would refuse for one more single-slot request of this
+        tenant (its queue, or the queue across tenants, is full and it cannot start at
+        once). Called before the body is read, parsed and tokenized, so a burst's excess
+        costs the replica little more than the authentication."""
+        refused = self.queue.refusal(tenant_id)
+        if refused is not None:
+            raise refused
+
     async def close(self, ticket: Ticket) -> None:
         ticket.lease.release()
         used = ticket.prompt_tokens + ticket.completion_tokens

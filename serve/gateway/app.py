@@ -12,6 +12,7 @@ from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_resp
 from serve.gateway.models_routes import models_router
 from serve.gateway.observer import Observability, RequestObserver
 from serve.gateway.openai_routes import openai_router
+from serve.gateway.openapi_doc import GatewayAPI
 from serve.gateway.request_id import RequestIdMiddleware
 from serve.gateway.request_record import record_of
 from serve.gateway.security_headers import ResponseHeadersMiddleware
@@ -21,7 +22,7 @@ from serve.gateway.workers_ai_routes import workers_ai_router
 
 
 def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
-    app = FastAPI(
+    app = GatewayAPI(
         title="batchserve",
         summary="Workers AI text-generation API (and OpenAI chat) on vLLM",
         docs_url=None,
@@ -32,7 +33,9 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
         RequestObserver, metrics=observability.metrics, access_log=observability.access_log
     )
     app.add_middleware(RequestIdMiddleware, behind_serve=ctx.behind_serve)
-    app.add_middleware(ResponseHeadersMiddleware)  # security + X-RateLimit-* headers
+    gate = ctx.completions.gate
+    # Security + X-RateLimit-* headers (read from the limiter when admission did not run).
+    app.add_middleware(ResponseHeadersMiddleware, limiter=gate.limiter if gate else None)
     if observability.tracer is not None:  # outermost: the span covers the whole request
         app.add_middleware(TracingMiddleware, tracer=observability.tracer)
 

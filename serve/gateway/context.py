@@ -22,6 +22,8 @@ class GatewayContext:
     authenticator: Authenticator
     completions: CompletionService
     max_body_bytes: int
+    # A request body not fully received this long after reading starts: 408/3007.
+    body_timeout_s: float = 60.0
     replica_id: str = "local"
     # Inside a Ray Serve replica (Serve sets and echoes x-request-id itself).
     behind_serve: bool = False
@@ -38,6 +40,13 @@ class GatewayContext:
         tenant = self.authenticator.authenticate(request.headers, account_id)
         record_of(request.scope).tenant = tenant
         return tenant
+
+    def refuse_if_full(self, tenant: Tenant) -> None:
+        """Before a generation's body is read: 429/3040 now if the replica's fair queue
+        would refuse it anyway (see `Gate.refuse_early`)."""
+        gate = self.completions.gate
+        if gate is not None:
+            gate.refuse_early(tenant.tenant_id)
 
     def require_model(self, name: str) -> None:
         if name != self.model_name:

@@ -67,9 +67,11 @@ def error_status(err: BatchserveError, dialect: Dialect) -> int:
 
 
 def error_headers(err: BatchserveError) -> dict[str, str]:
+    headers = {"Connection": "close"} if err.close_connection else {}
     if err.retry_after_s is None:
-        return {}
+        return headers
     return {
+        **headers,
         "Retry-After": str(max(1, math.ceil(err.retry_after_s))),
         "retry-after-ms": str(max(1, int(err.retry_after_s * 1000))),
     }

@@ -11,8 +11,10 @@ holdings converge to the weights whenever both are backlogged.
 `capacity - reserved` waits even when slots are free, so another tenant's
 first request starts at once instead of waiting for a flood's request to end.
 
-A full queue, or a wait longer than `max_wait_s`, is a 429 with a Retry-After
-estimated from how long slots are held.
+A request that would have to wait is refused at once (429 with a Retry-After
+estimated from how long slots are held) when its tenant's queue is full or when
+`max_queued_total` requests of all tenants are already waiting; so is a wait longer
+than `max_wait_s`. `refusal` tells before the request is even read.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from serve.errors import OutOfCapacity, TenantRateLimited
+from serve.errors import BatchserveError, OutOfCapacity, TenantRateLimited
 
 _EMA = 0.2
 
@@ -69,22 +71,21 @@ class FairQueue:
         max_wait_s: float,
         retry_after_s: float = 1.0,
         reserved: int = 0,
+        max_queued_total: int | None = None,
     ) -> None:
         if not 0 <= reserved < capacity:
             raise ValueError("reserved slots must be fewer than the capacity")
         self.capacity = capacity
         self.reserved = reserved
         self.max_queued_per_tenant = max_queued_per_tenant
+        self.max_queued_total = max_queued_total
+        self.queued = 0  # waiters of all tenants
         self.max_wait_s = max_wait_s
         self.in_use = 0
         self._min_retry_s = retry_after_s
         self._hold_s = retry_after_s  # moving average of how long a lease is held
         self._tenants: dict[str, _Tenant] = {}  # tenants holding or waiting for slots
         self._seq = itertools.count()
-
-    @property
-    def queued(self) -> int:
-        return sum(len(t.waiters) for t in self._tenants.values())
 
     def queued_for(self, tenant_id: str) -> int:
         state = self._tenants.get(tenant_id)
@@ -109,15 +110,13 @@ class FairQueue:
         if not state.waiters and self._fits(state, slots):
             self._take(state, slots)
             return Lease(self, tenant_id, slots)
-        if len(state.waiters) >= self.max_queued_per_tenant:
+        refused = self._refusal(state, slots)
+        if refused is not None:
             self._forget_if_idle(tenant_id)
-            raise TenantRateLimited(
-                "Rate limited: too many queued requests for this tenant",
-                retry_after_s=self.retry_after_s(),
-                reason="queue_full",
-            )
+            raise refused
         waiter = _Waiter(slots, next(self._seq), asyncio.get_running_loop().create_future())
         state.waiters.append(waiter)
+        self.queued += 1
         try:
             await asyncio.wait_for(asyncio.shield(waiter.future), self.max_wait_s)
         except (TimeoutError, asyncio.CancelledError) as exc:
@@ -130,6 +129,32 @@ class FairQueue:
                 ) from None
             raise
         return Lease(self, tenant_id, slots)
+
+    def refusal(self, tenant_id: str, slots: int = 1) -> BatchserveError | None:
+        """The error `acquire` would raise at once for this request now, or None (it
+        would start or wait). Lets the gateway refuse a burst's excess before reading it."""
+        state = self._tenants.get(tenant_id)
+        if state is None:
+            return None if self.in_use + slots <= self.capacity else self._refusal(None, slots)
+        if not state.waiters and self._fits(state, slots):
+            return None
+        return self._refusal(state, slots)
+
+    def _refusal(self, state: _Tenant | None, slots: int) -> BatchserveError | None:
+        """For a request that cannot start at once: refuse it rather than queue it?"""
+        if state is not None and len(state.waiters) >= self.max_queued_per_tenant:
+            return TenantRateLimited(
+                "Rate limited: too many queued requests for this tenant",
+                retry_after_s=self.retry_after_s(),
+                reason="queue_full",
+            )
+        if self.max_queued_total is not None and self.queued >= self.max_queued_total:
+            return OutOfCapacity(
+                "Capacity temporarily exceeded, please try again.",
+                retry_after_s=self.retry_after_s(),
+                reason="queue_full",
+            )
+        return None
 
     def _fits(self, state: _Tenant, slots: int) -> bool:
         if self.in_use + slots > self.capacity:
@@ -159,6 +184,7 @@ class FairQueue:
         state = self._tenants.get(tenant_id)
         if state is not None and waiter in state.waiters:
             state.waiters.remove(waiter)
+            self.queued -= 1
             self._forget_if_idle(tenant_id)
         self._grant()
 
@@ -185,5 +211,6 @@ class FairQueue:
             tenant_id = min(ready)[3]
             state = self._tenants[tenant_id]
             waiter = state.waiters.popleft()
+            self.queued -= 1
             self._take(state, waiter.slots)
             waiter.future.set_result(None)

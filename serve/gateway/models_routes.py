@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from serve.gateway import openapi_doc
 from serve.gateway.context import GatewayContext
 
 _CREATED = 1707868800  # Qwen1.5's release, a stable `created` for the listing
@@ -25,12 +26,15 @@ def models_router(ctx: GatewayContext) -> APIRouter:
             "context_window": info.context_window,
         }
 
-    @router.get("/v1/models")
+    listing = openapi_doc.openai_models(one=False)
+    single = openapi_doc.openai_models(one=True)
+
+    @router.get("/v1/models", **listing)
     async def list_models(request: Request) -> dict[str, Any]:
         ctx.authenticate(request, None)
         return {"object": "list", "data": [model_object()]}
 
-    @router.get("/client/v4/accounts/{account_id}/ai/v1/models")
+    @router.get("/client/v4/accounts/{account_id}/ai/v1/models", **listing)
     async def list_account_models(request: Request, account_id: str) -> dict[str, Any]:
         ctx.authenticate(request, account_id)
         return {"object": "list", "data": [model_object()]}
@@ -39,12 +43,12 @@ def models_router(ctx: GatewayContext) -> APIRouter:
         ctx.require_model(model)  # unknown id: 404 model_not_found on these paths
         return model_object()
 
-    @router.get("/v1/models/{model:path}")
+    @router.get("/v1/models/{model:path}", **single)
     async def get_model(request: Request, model: str) -> dict[str, Any]:
         ctx.authenticate(request, None)
         return one_model(model)
 
-    @router.get("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}")
+    @router.get("/client/v4/accounts/{account_id}/ai/v1/models/{model:path}", **single)
     async def get_account_model(request: Request, account_id: str, model: str) -> dict[str, Any]:
         ctx.authenticate(request, account_id)
         return one_model(model)

@@ -20,6 +20,7 @@ from starlette.responses import Response
 
 from serve import sse
 from serve.errors import BadInput
+from serve.gateway import openapi_doc
 from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.choices import Choices, choice_request_id, choice_seed
@@ -154,22 +155,38 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
 
     def authenticate(request: Request) -> Tenant:
         # The bare /v1 routes have no account in the path: any account of the token.
-        return ctx.authenticate(request, request.path_params.get("account_id"))
+        tenant = ctx.authenticate(request, request.path_params.get("account_id"))
+        ctx.refuse_if_full(tenant)  # before the body is read: a burst's excess costs little
+        return tenant
 
     async def chat_completions(request: Request) -> Response:
         tenant = authenticate(request)
-        body = parse_chat_request(parse_json_body(await read_body(request, ctx.max_body_bytes)))
+        raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
+        body = parse_chat_request(parse_json_body(raw))
         ctx.require_model(body.model)
         return await respond(request, tenant, body, ctx.engine.encode_chat(body.chat_messages()))
 
     async def completions(request: Request) -> Response:
         tenant = authenticate(request)
-        raw = await read_body(request, ctx.max_body_bytes)
+        raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
         body = parse_completion_request(parse_json_body(raw))
         ctx.require_model(body.model)
         return await respond(request, tenant, body, ctx.engine.encode_raw(body.prompt_text))
 
+    chat_doc = openapi_doc.openai_chat_completions(ctx.model_name)
+    completions_doc = openapi_doc.openai_completions(ctx.model_name)
     for prefix in _PREFIXES:
-        router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"])
-        router.add_api_route(f"{prefix}/completions", completions, methods=["POST"])
+        scoped = "{account_id}" in prefix
+        router.add_api_route(
+            f"{prefix}/chat/completions",
+            chat_completions,
+            methods=["POST"],
+            **(openapi_doc.with_account(chat_doc) if scoped else chat_doc),
+        )
+        router.add_api_route(
+            f"{prefix}/completions",
+            completions,
+            methods=["POST"],
+            **(openapi_doc.with_account(completions_doc) if scoped else completions_doc),
+        )
     return router

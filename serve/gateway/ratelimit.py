@@ -72,6 +72,11 @@ class RateLimiter(Protocol):
         """The request ended: correct the token count, free its stream slot."""
         ...
 
+    async def peek(self, tenant: Tenant) -> RateState | None:
+        """The tenant's counters of the current window, read only (nothing is counted);
+        None when they cannot be read (store unreachable)."""
+        ...
+
 
 def window_of(now: float) -> tuple[int, float]:
     """(window index, seconds left in it)."""
@@ -115,6 +120,11 @@ def limited(reason: str, plan: Plan, state: RateState) -> TenantRateLimited:
     return TenantRateLimited(
         _MESSAGES[reason], retry_after_s=retry, reason=_REASONS[reason], state=state
     )
+
+
+def counts_nothing(plan: Plan) -> bool:
+    """No request or token limit: the X-RateLimit-* headers would be empty."""
+    return plan.requests_per_minute is None and plan.tokens_per_minute is None
 
 
 def state_of(plan: Plan, *, requests: int, tokens: int, reset_s: float) -> RateState:
@@ -183,6 +193,14 @@ class InMemoryRateLimiter:
         c = self._counters.get(tid)
         if c is not None and c.window == reservation.window:
             c.tokens = max(0, c.tokens + used_tokens - reservation.reserved_tokens)
+
+    async def peek(self, tenant: Tenant) -> RateState:
+        window, reset_s = window_of(self._clock())
+        c = self._counters.get(tenant.tenant_id)
+        requests, tokens = (
+            (c.requests, c.tokens) if c is not None and c.window == window else (0, 0)
+        )
+        return state_of(tenant.plan, requests=requests, tokens=tokens, reset_s=reset_s)
 
     def active_streams(self, tenant_id: str) -> int:
         return self._streams.get(tenant_id, 0)

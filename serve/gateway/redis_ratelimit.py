@@ -21,6 +21,7 @@ from serve.gateway.ratelimit import (
     WINDOW_S,
     RateState,
     Reservation,
+    counts_nothing,
     limited,
     state_of,
     window_of,
@@ -184,6 +185,30 @@ class RedisRateLimiter:
         except (RedisError, OSError, TimeoutError) as err:
             # The stream lease expires by itself; the token count stays as reserved.
             self._failed("settlement", err)
+
+    async def peek(self, tenant: Tenant) -> RateState | None:
+        """One MGET of the window's two counters (never a write). Unreachable: None, and
+        the circuit breaker opens as for admission (no error metric: nothing was decided)."""
+        from redis.exceptions import RedisError
+
+        window, reset_s = window_of(self._clock())
+        if counts_nothing(tenant.plan):
+            return state_of(tenant.plan, requests=0, tokens=0, reset_s=reset_s)
+        if time.monotonic() < self._down_until:
+            return None
+        req_key, tok_key, _ = self.keys(tenant.tenant_id, window)
+        try:
+            reqs, toks = await asyncio.wait_for(
+                self._redis.mget(req_key, tok_key), self._timeout_s * 4
+            )
+        except (RedisError, OSError, TimeoutError) as err:
+            self._down_until = time.monotonic() + self._cooldown_s
+            log.warning("rate limiter store unreachable while reading counters: %s",
+                        type(err).__name__)  # fmt: skip
+            return None
+        return state_of(
+            tenant.plan, requests=int(reqs or 0), tokens=int(toks or 0), reset_s=reset_s
+        )
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -1,6 +1,15 @@
 """Request ids: `x-request-id` (also `cf-ray`) on every response.
 
-A pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streams).
+A client's `x-request-id` is kept only when it is 1-128 characters of `[A-Za-z0-9._:-]`;
+anything else is replaced by a fresh id before it is echoed or logged. Pure ASGI
+middlewares (no BaseHTTPMiddleware: it would buffer streams).
+
+Behind Ray Serve, Serve's own `RequestIdMiddleware` (on the proxy's and every direct-ingress
+replica's HTTP server) reads the client's `x-request-id` before our app runs and echoes it
+in the response as is. `ServeRequestIdGuard`, installed outside it through Serve's
+`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` (`serve_http_middlewares`, set by `batchserve
+up`, the images and the chart), applies the same rule first, so the id Serve echoes, logs
+and hands to the replica is already the sanitised one.
 """
 
 from __future__ import annotations
@@ -8,10 +17,18 @@ from __future__ import annotations
 import re
 import uuid
 
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_SANE_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+_HEADER = b"x-request-id"
 INFERENCE_ID_KEY = "batchserve_inference_id"
+SERVE_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+SERVE_CALLBACK = "serve.gateway.request_id:serve_http_middlewares"
+
+
+def is_sane(request_id: str) -> bool:
+    return _SANE_ID.fullmatch(request_id) is not None
 
 
 def request_id_of(scope: Scope) -> str:
@@ -29,8 +46,10 @@ class RequestIdMiddleware:
     """Assigns the request id and adds the id headers to the response.
 
     Behind Ray Serve, Serve's own middleware already picked the id (the client's
-    `x-request-id`, or a new one) and echoes it as `x-request-id`; then we reuse
-    that id and only add `cf-ray` and `cf-ai-req-id`.
+    `x-request-id` after `ServeRequestIdGuard`, or a new one) and echoes it as
+    `x-request-id`; then we reuse that id and only add `cf-ray` and `cf-ai-req-id`.
+    Without the guard, an id that is not sane is still replaced for `cf-ray` and our
+    logs (Serve then echoes the client's raw value in `x-request-id`).
     """
 
     def __init__(self, app: ASGIApp, *, behind_serve: bool = False) -> None:
@@ -43,13 +62,10 @@ class RequestIdMiddleware:
             return
         given = ""
         for name, value in scope["headers"]:
-            if name == b"x-request-id":
+            if name == _HEADER:
                 given = value.decode("latin-1")
                 break
-        if self.behind_serve and given:
-            request_id = given
-        else:
-            request_id = given if _SANE_ID.match(given) else uuid.uuid4().hex
+        request_id = given if is_sane(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
 
@@ -67,3 +83,29 @@ class RequestIdMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+class ServeRequestIdGuard:
+    """Outside Ray Serve's `RequestIdMiddleware`: leaves a sane client `x-request-id`
+    alone and replaces anything else (too long, odd characters, repeated) with one fresh
+    id, before Serve reads it. No header: Serve makes its own id (a UUID)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = scope["headers"]
+            given = [value for name, value in headers if name == _HEADER]
+            if given and (len(given) > 1 or not is_sane(given[0].decode("latin-1"))):
+                first = given[0].decode("latin-1")
+                request_id = first if is_sane(first) else uuid.uuid4().hex
+                others = [(name, value) for name, value in headers if name != _HEADER]
+                scope = {**scope, "headers": [*others, (_HEADER, request_id.encode())]}
+        await self.app(scope, receive, send)
+
+
+def serve_http_middlewares() -> list[Middleware]:
+    """Ray Serve's HTTP callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`): the
+    middlewares Serve puts outside its own on the proxy and direct-ingress servers."""
+    return [Middleware(ServeRequestIdGuard)]

@@ -1,14 +1,26 @@
 """Headers added to every response in one pass: the standard security headers and
-the `X-RateLimit-*` headers admission computed (pure ASGI, streams untouched).
+the `X-RateLimit-*` headers (pure ASGI, streams untouched).
+
+The rate headers are the ones admission computed; a response of an authenticated
+caller that never reached admission (a 400, the model listing, the schema route)
+gets the tenant's current counters from a read-only `RateLimiter.peek`.
 
 One middleware rather than one per header family: its `send` wrapper runs for every
 body chunk, i.e. per streamed token."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
+from typing import Any
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve.gateway.admission import RATE_HEADERS_KEY
+from serve.gateway.ratelimit import RateLimiter
+from serve.gateway.request_record import RECORD_KEY, RequestRecord
+
+log = logging.getLogger(__name__)
 
 SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
     (b"x-content-type-options", b"nosniff"),
@@ -19,8 +31,21 @@ SECURITY_HEADERS: tuple[tuple[bytes, bytes], ...] = (
 
 
 class ResponseHeadersMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, limiter: RateLimiter | None = None) -> None:
         self.app = app
+        self.limiter = limiter
+
+    async def current_rate_headers(self, state: Mapping[str, Any]) -> Mapping[str, str] | None:
+        """The tenant's counters when admission reported none (never counts anything)."""
+        record = state.get(RECORD_KEY)
+        if self.limiter is None or not isinstance(record, RequestRecord) or not record.tenant:
+            return None
+        try:
+            current = await self.limiter.peek(record.tenant)
+        except Exception:
+            log.exception("reading the rate limit counters failed")
+            return None
+        return None if current is None else current.headers()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,7 +57,8 @@ class ResponseHeadersMiddleware:
                 headers = list(message.get("headers", []))
                 present = {name for name, _ in headers}
                 headers += [h for h in SECURITY_HEADERS if h[0] not in present]
-                rate = scope.get("state", {}).get(RATE_HEADERS_KEY)
+                state = scope.get("state", {})
+                rate = state.get(RATE_HEADERS_KEY) or await self.current_rate_headers(state)
                 if rate:
                     headers += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
                 message = {**message, "headers": headers}

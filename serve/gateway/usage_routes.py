@@ -9,10 +9,12 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from serve.errors import BadInput
+from serve.gateway import openapi_doc
 from serve.gateway.context import GatewayContext
 from serve.gateway.workers_ai_routes import envelope
 
 USAGE_PATH = "/client/v4/accounts/{account_id}/ai/usage"
+_FIRST, _LAST = 0.0, datetime(9999, 12, 31, tzinfo=UTC).timestamp()
 
 
 def parse_instant(value: str | None, name: str, default: float) -> float:
@@ -20,14 +22,18 @@ def parse_instant(value: str | None, name: str, default: float) -> float:
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"{name} must be epoch seconds or an ISO 8601 time", param=name) from None
-    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+        try:
+            when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise BadInput(
+                f"{name} must be epoch seconds or an ISO 8601 time", param=name
+            ) from None
+        seconds = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    if not _FIRST <= seconds <= _LAST:  # also NaN; the response echoes it as a date
+        raise BadInput(f"{name} must be between 1970 and 9999", param=name)
+    return seconds
 
 
 def iso(ts: float) -> str:
@@ -37,7 +43,7 @@ def iso(ts: float) -> str:
 def usage_router(ctx: GatewayContext) -> APIRouter:
     router = APIRouter()
 
-    @router.get(USAGE_PATH)
+    @router.get(USAGE_PATH, **openapi_doc.workers_ai_usage())
     async def usage(request: Request, account_id: str) -> Response:
         ctx.authenticate(request, account_id)
         params = request.query_params

@@ -11,7 +11,8 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from serve import sse
-from serve.errors import LoraUnsupported
+from serve.errors import BadInput, LoraUnsupported
+from serve.gateway import openapi_doc
 from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.completion import Completion, SamplingRequest
@@ -110,11 +111,13 @@ async def sse_stream(
 def workers_ai_router(ctx: GatewayContext) -> APIRouter:
     router = APIRouter()
 
-    @router.post(RUN_PATH)
+    @router.post(RUN_PATH, **openapi_doc.workers_ai_run())
     async def run(request: Request, account_id: str, model: str) -> Response:
         tenant = ctx.authenticate(request, account_id)
         ctx.require_model(model)
-        run_input = parse_run_input(parse_json_body(await read_body(request, ctx.max_body_bytes)))
+        ctx.refuse_if_full(tenant)
+        raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
+        run_input = parse_run_input(parse_json_body(raw))
         if run_input.lora is not None:
             raise LoraUnsupported(model)
         if run_input.messages is not None:
@@ -153,9 +156,14 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
         }
         return envelope(result, notes)
 
-    @router.get(SCHEMA_PATH)
-    async def schema(request: Request, account_id: str, model: str) -> Response:
+    @router.get(SCHEMA_PATH, **openapi_doc.workers_ai_schema())
+    async def schema(request: Request, account_id: str) -> Response:
         ctx.authenticate(request, account_id)
+        # Read here rather than declared: a missing `?model=` is a 400 of this dialect,
+        # after authentication (FastAPI would answer 422 before it).
+        model = request.query_params.get("model")
+        if not model:
+            raise BadInput("the query parameter model is required", param="model")
         ctx.require_model(model)
         return envelope(published_schema(), [])
 

@@ -48,16 +48,37 @@ class GatewayReplica:
             engine.shutdown()
 
 
+# Requests a replica's app may hold beyond its engine slots and queue places: ones being
+# refused (a 429 takes milliseconds), health checks, metrics scrapes.
+ADMISSION_HEADROOM = 256
+
+
+def max_ongoing_requests(settings: Settings) -> int:
+    """Serve's per-replica cap, set above everything our own admission may hold.
+
+    With direct ingress, Serve makes a request wait for this cap *before* the app sees it,
+    in a queue with no bound and no timeout: a cap at or below the engine slots plus the
+    fair queue would queue a burst there, invisible to our admission (measured: no 429,
+    time to first token 28 s). Above it, the app's admission decides and refuses at once.
+    """
+    return settings.max_inflight_per_replica + settings.queue_max_total + ADMISSION_HEADROOM
+
+
 def gateway_deployment(settings: Settings) -> Any:
     """The deployment with the options the settings ask for."""
     spec = settings.served_model
+    cap = max_ongoing_requests(settings)
     return rayserve.deployment(
         name="batchserve",
         num_replicas=spec.replicas,
         ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
-        # Our own admission answers 429 before Serve would queue.
-        max_ongoing_requests=settings.max_inflight_per_replica * 2,
+        max_ongoing_requests=cap,
+        # Serve's own wait for the cap stays bounded too (beyond it Serve answers 503):
+        # only reached when a flood outruns the event loop that refuses it.
+        max_queued_requests=cap,
         health_check_period_s=settings.health_check_period_s,
         health_check_timeout_s=settings.health_check_timeout_s,
         graceful_shutdown_timeout_s=settings.graceful_shutdown_timeout_s,
+        # How often a draining replica checks whether its last request ended.
+        graceful_shutdown_wait_loop_s=0.5,
     )(GatewayReplica)

@@ -64,6 +64,7 @@ class VllmEngine:
             tensor_parallel_size=args.tensor_parallel_size,
             enforce_eager=args.enforce_eager,
             enable_prefix_caching=args.enable_prefix_caching,
+            enable_chunked_prefill=_chunked_prefill(args.enable_chunked_prefill),
             seed=args.seed,
             # Engine spans (tracing on) join the gateway's trace via `trace_headers`.
             otlp_traces_endpoint=otlp_traces_endpoint,
@@ -102,6 +103,8 @@ class VllmEngine:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
+        if self._llm.errored:  # the EngineCore is gone; Serve will replace this replica
+            raise EngineUnavailable("AiError: The inference engine is down, please retry")
         prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
         if request.cache_salt:
             prompt["cache_salt"] = request.cache_salt
@@ -128,9 +131,10 @@ class VllmEngine:
             except Exception as exc:  # the engine's own errors become ours
                 if isinstance(exc, VLLMClientError):  # e.g. a response_format schema it refuses
                     raise BadInput(str(exc)) from exc
+                if self._llm.errored:  # EngineCore died mid-request (vLLM's EngineDeadError)
+                    log.error("engine request %s failed: the engine died", request.request_id)
+                    raise EngineFailure("AiError: The inference engine died, please retry") from exc
                 log.error("engine request %s failed", request.request_id, exc_info=exc)
-                if self._llm.errored:
-                    raise EngineUnavailable("AiError: The inference engine died") from exc
                 raise EngineFailure() from exc
 
     def num_unfinished_requests(self) -> int:
@@ -143,6 +147,21 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+
+
+def _chunked_prefill(configured: bool | None) -> bool | None:
+    """Chunked prefill, off by default on the CPU backend.
+
+    After a partial prefill vLLM rewinds the torch generator of each seeded request
+    (`set_offset`), which CPU generators do not support: one seeded request whose
+    prompt is prefilled in chunks (a long prompt, or several prompts arriving together
+    beyond one step's token budget) killed the EngineCore and every request on it.
+    """
+    if configured is not None:
+        return configured
+    from vllm.platforms import current_platform
+
+    return False if current_platform.is_cpu() else None
 
 
 def _structured_outputs(options: SamplingOptions) -> Any:

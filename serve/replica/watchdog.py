@@ -28,7 +28,13 @@ class EngineStalled(EngineUnavailable):
 
 
 class ProgressWatchdog:
-    """Decides, from successive (unfinished, outputs) readings, whether an engine is stalled."""
+    """Decides, from successive (unfinished, outputs) readings, whether an engine is stalled.
+
+    Once a stall is declared it stays declared until the output count moves again, even
+    if the unfinished requests go away meanwhile: the request timeout aborts them, and a
+    stopped engine without work would otherwise look idle and pass before Serve has seen
+    enough failed checks in a row to replace the replica.
+    """
 
     def __init__(self, stall_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.stall_s = stall_s
@@ -36,17 +42,26 @@ class ProgressWatchdog:
         self._outputs: int | None = None
         # Since when the engine has had work but produced nothing (None: not stalled).
         self._since: float | None = None
+        # Unfinished requests when the stall was declared (None: no stall declared).
+        self._declared_with: int | None = None
 
     def check(self, *, unfinished: int, outputs: int) -> None:
         """Raise `EngineStalled` if work has waited `stall_s` without any output."""
         now = self._clock()
         moved = outputs != self._outputs
         self._outputs = outputs
-        if unfinished == 0 or moved:
+        if moved:
+            self._declared_with = None
             self._since = None if unfinished == 0 else now
+            return
+        if self._declared_with is not None and self._since is not None:
+            raise EngineStalled(now - self._since, max(unfinished, self._declared_with))
+        if unfinished == 0:
+            self._since = None
             return
         if self._since is None:
             self._since = now
         stalled = now - self._since
         if stalled >= self.stall_s:
+            self._declared_with = unfinished
             raise EngineStalled(stalled, unfinished)

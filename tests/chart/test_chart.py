@@ -23,6 +23,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from serve.gateway.request_id import SERVE_CALLBACK, SERVE_CALLBACK_ENV
 from serve.settings import EngineArgs, ModelSpec, Settings
 from tests.chart.render import (
     CHART_DIR,
@@ -412,6 +413,7 @@ def test_gpu_workers_and_cpu_head(profiles: dict[str, list[dict[str, Any]]]) -> 
     assert mounts["tenants"] == "/etc/batchserve/tenants"
     env = {e["name"]: e for e in c["env"]}
     assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
+    assert env[SERVE_CALLBACK_ENV]["value"] == SERVE_CALLBACK  # x-request-id sanitised
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     # Long enough for the replica's own drain (graceful_shutdown_timeout_s) to finish first.
     grace = pod["terminationGracePeriodSeconds"]

@@ -9,7 +9,8 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ class Cluster:
     url: str
     replica_urls: tuple[str, ...]
     log: Path
+    # The `batchserve up` process (Ray, Serve and the replicas run below it).
+    pid: int
+    # BATCHSERVE_CACHE_DIR: the replicas' shared usage ledger lives here.
+    cache_dir: Path
 
     @property
     def run_url(self) -> str:
@@ -49,17 +54,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _free_port_pair() -> int:
-    """A port p with p+1 also free (Serve gives replica i the port base + i)."""
+def _free_port_run(n: int) -> int:
+    """A port p with p+1 .. p+n-1 also free (Serve gives replica i the port base + i)."""
     for _ in range(50):
         base = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", base + 1))
-            except OSError:
-                continue
+        try:
+            for offset in range(1, n):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + offset))
+        except OSError:
+            continue
         return base
-    raise RuntimeError("no free port pair")
+    raise RuntimeError(f"no {n} free ports in a row")
 
 
 def _healthy(url: str) -> bool:
@@ -69,13 +75,9 @@ def _healthy(url: str) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    work = tmp_path_factory.mktemp("cluster")
-    port, base = _free_port(), _free_port_pair()
-    tenants_file = work / "tenants.yaml"
+def _write_tenants(path: Path) -> None:
     entries = [("dev", TOKEN, ACCOUNT), *((t, tok, acct) for t, (tok, acct) in TENANTS.items())]
-    tenants_file.write_text(
+    path.write_text(
         yaml.safe_dump(
             {
                 "tenants": [
@@ -85,35 +87,58 @@ def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             }
         )
     )
-    env = {
+
+
+@contextmanager
+def running_cluster(
+    model_dir: Path,
+    work: Path,
+    *,
+    replicas: int = 2,
+    env: Mapping[str, str] | None = None,
+    port_span: int | None = None,
+) -> Iterator[Cluster]:
+    """`batchserve up` on the tiny checkpoint, healthy on every replica; stopped with
+    Ctrl-C on exit, failing if that leaves any of its processes running.
+
+    `env` adds to (or overrides) the environment; `port_span` widens the range of
+    direct-ingress ports Serve may give replicas (room for replacements).
+    """
+    port, span = _free_port(), port_span or replicas + 1
+    base = _free_port_run(span)
+    tenants_file = work / "tenants.yaml"
+    _write_tenants(tenants_file)
+    cache_dir = work / "cache"
+    full_env = {
         **os.environ,
         "BATCHSERVE_DEV_TOKEN": TOKEN,
-        "BATCHSERVE_CACHE_DIR": str(work / "cache"),
+        "BATCHSERVE_CACHE_DIR": str(cache_dir),
         "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
-        # A small non-streaming cap, so the clamp test stays quick (test_clients.py).
-        "BATCHSERVE_NON_STREAM_MAX_TOKENS": "64",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
         # Serve gives each replica its own HTTP port from this range; the tests read
         # every replica's engine state there directly.
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + 2),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + span - 1),
+        **(env or {}),
     }
     log = work / "batchserve-up.log"
     cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--port", str(port),
-           "--model", str(tiny_qwen2_dir), "--replicas", "2",
+           "--model", str(model_dir), "--replicas", str(replicas),
            "--tenants-file", str(tenants_file)]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    replicas = (f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}")
+    replica_urls = tuple(f"http://127.0.0.1:{base + i}" for i in range(replicas))
     deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        while not (_healthy(url) and all(_healthy(r) for r in replicas)):
+        while not (_healthy(url) and all(_healthy(r) for r in replica_urls)):
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail(f"batchserve up did not start; log:\n{log.read_text()[-5000:]}")
             time.sleep(2)
-        yield Cluster(url=url, replica_urls=replicas, log=log)
+        yield Cluster(
+            url=url, replica_urls=replica_urls, log=log, pid=proc.pid, cache_dir=cache_dir
+        )
     finally:
         tree = psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else []
         proc.send_signal(signal.SIGINT)
@@ -126,3 +151,11 @@ def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
             p.kill()
         leftovers = [f"{p.pid} {p.name()}" for p in alive]
         assert not leftovers, f"Ctrl-C left processes running: {leftovers}"
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    # A small non-streaming cap, so the clamp test stays quick (test_clients.py).
+    env = {"BATCHSERVE_NON_STREAM_MAX_TOKENS": "64"}
+    with running_cluster(tiny_qwen2_dir, tmp_path_factory.mktemp("cluster"), env=env) as c:
+        yield c

@@ -1,5 +1,6 @@
 """Tenant limits and the usage ledger on a real Redis (redis-server started here):
-two gateway apps share the counters; Redis going away fails open or closed, fast."""
+two gateway apps share the counters; Redis going away fails open or closed, fast; Redis
+coming back is used again without restarting the gateway."""
 
 from __future__ import annotations
 
@@ -42,6 +43,32 @@ class RedisServer:
         self.proc.terminate()
         self.proc.wait(timeout=10)
 
+    def start_fresh(self, data_dir: Path) -> None:
+        """A new, empty redis-server on the same port (a replaced Redis without its data)."""
+        self.proc = _spawn_redis(self.port, data_dir)
+
+
+def _spawn_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is not installed (apt-get install redis-server)"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
+         "--appendonly", "yes", "--save", "", "--daemonize", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise AssertionError("redis-server did not start") from None
+            time.sleep(0.05)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -51,26 +78,10 @@ def _free_port() -> int:
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install redis-server)"
     port = _free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path),
-         "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-    server = RedisServer(proc, port)
+    server = RedisServer(_spawn_redis(port, tmp_path), port)
     yield server
-    if proc.poll() is None:
+    if server.proc.poll() is None:
         server.stop()
 
 
@@ -202,3 +213,71 @@ async def test_unreachable_redis_at_start_does_not_hang(tmp_path: Path) -> None:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
         r = await asyncio.wait_for(c.post(URL, headers=AUTH, json={"prompt": "hi"}), 5)
     assert r.status_code == 503 and r.json()["errors"][0]["code"] == 3040
+
+
+async def _next_window_if_within(seconds: float) -> None:
+    """Counters live in fixed minutes: start a counted sequence away from the minute's end."""
+    left = 60 - time.time() % 60
+    if left < seconds:
+        await asyncio.sleep(left + 0.1)
+
+
+@pytest.mark.parametrize("fail_open", [True, False], ids=["fail-open", "fail-closed"])
+async def test_redis_lost_and_back(
+    tmp_path: Path, redis_server: RedisServer, fail_open: bool
+) -> None:
+    """Redis goes away under a steady client, then a fresh (empty) Redis comes back on the
+    same address: the same gateway, never restarted, counts and enforces the limit again."""
+    rpm, outage_s = 4, 1.5
+    app = make_app(
+        tmp_path, redis_server, "g", requests_per_minute=rpm, rate_limit_fail_open=fail_open
+    )
+    body = {"prompt": "hi", "max_tokens": 2}
+    down_status = 200 if fail_open else 503
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
+        await _next_window_if_within(3)
+        before = [(await c.post(URL, headers=AUTH, json=body)).status_code for _ in range(rpm + 1)]
+        assert before == [200] * rpm + [429]
+
+        redis_server.stop()
+        during: list[int] = []
+        worst_s = 0.0
+        outage_end = time.monotonic() + outage_s
+        while time.monotonic() < outage_end:
+            started = time.monotonic()
+            r = await c.post(URL, headers=AUTH, json=body)
+            worst_s = max(worst_s, time.monotonic() - started)
+            during.append(r.status_code)
+            assert "x-ratelimit-remaining" not in r.headers  # no counters to report
+        assert set(during) == {down_status}, during
+
+        redis_server.start_fresh(tmp_path / "redis-after")
+        back = time.monotonic()
+        while True:  # until an admission is counted again
+            r = await c.post(URL, headers=AUTH, json=body)
+            if r.headers.get("x-ratelimit-remaining") == str(rpm - 1):
+                break
+            assert r.status_code == down_status, r.text
+            assert time.monotonic() - back < 10, "limits not enforced 10 s after Redis came back"
+            await asyncio.sleep(0.05)
+        recovered_s = time.monotonic() - back
+        assert r.status_code == 200
+        counted = 1
+        if 60 - time.time() % 60 < 3:
+            await _next_window_if_within(3)
+            counted = 0
+        after = [
+            (await c.post(URL, headers=AUTH, json=body)).status_code
+            for _ in range(rpm - counted + 1)
+        ]
+        assert after == [200] * (rpm - counted) + [429]
+        usage = (await c.get("/client/v4/accounts/acct-r/ai/usage", headers=AUTH)).json()
+        (model,) = usage["result"]["models"]  # records land in the fresh Redis again
+        assert model["requests"] >= rpm
+        assert (await c.get("/healthz")).status_code == 200
+    mode = "fail-open" if fail_open else "fail-closed"
+    print(
+        f"\n[redis lost and back, {mode}] outage {outage_s} s: {len(during)} requests, "
+        f"{during.count(200)} served, {during.count(503)} refused (503), slowest {worst_s:.3f} s; "
+        f"limits enforced again {recovered_s:.2f} s after Redis was back"
+    )

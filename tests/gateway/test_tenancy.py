@@ -217,10 +217,13 @@ async def test_usage_route_counts_each_request_once_per_account(
         params={"since": "2001-01-01T00:00:00Z", "until": "2001-01-02"},
     )
     assert r.json()["result"]["models"] == []
-    r = await client.get(
-        "/client/v4/accounts/acct-a/ai/usage", headers=bearer(TOKEN_A), params={"since": "x"}
-    )
-    assert r.status_code == 400
+    for bad in ({"since": "x"}, {"until": "1e300"}, {"since": "-1e20"}, {"until": "nan"}):
+        r = await client.get(
+            "/client/v4/accounts/acct-a/ai/usage", headers=bearer(TOKEN_A), params=bad
+        )
+        assert r.status_code == 400, (bad, r.text)
+        (name,) = bad
+        assert r.json()["errors"][0]["code"] == 5006 and name in r.json()["errors"][0]["message"]
 
 
 async def test_fair_queue_over_http(tmp_path: Path, tenants_file: Path) -> None:

@@ -120,3 +120,21 @@ def test_settings_refuse_a_stall_limit_the_timeout_would_hide() -> None:
     assert Settings().engine_stall_s + Settings().health_check_period_s < 300
     with pytest.raises(ValidationError, match="engine_stall_s"):
         Settings(request_timeout_s=60, engine_stall_s=60)
+
+
+def test_a_declared_stall_outlives_the_timed_out_requests(
+    dog: ProgressWatchdog, clock: Clock
+) -> None:
+    """The request timeout aborts the stalled requests; the engine is still stopped, so
+    the health check must keep failing (Serve needs several failures in a row)."""
+    dog.check(unfinished=2, outputs=5)
+    clock.now += 31
+    with pytest.raises(EngineStalled):
+        dog.check(unfinished=2, outputs=5)
+    for _ in range(3):
+        clock.now += 10
+        with pytest.raises(EngineStalled, match="with 2 unfinished"):
+            dog.check(unfinished=0, outputs=5)
+    dog.check(unfinished=0, outputs=6)  # it produced something: healthy again
+    clock.now += 100
+    dog.check(unfinished=0, outputs=6)

@@ -98,6 +98,9 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app (no proxy-actor hop).
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
+# Serve echoes a client's x-request-id itself: our middleware sanitises it first.
+- name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
+  value: serve.gateway.request_id:serve_http_middlewares
 {{- if gt (int .Values.monitoring.replicaMetricsPort) 0 }}
 # Replicas' own HTTP ports start here (the first replica of a pod gets exactly this one).
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT

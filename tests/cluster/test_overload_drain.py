@@ -1,0 +1,674 @@
+"""Overload, slow clients and rolling restarts on the real cluster (issue 9): HAProxy's
+request timeout against a client trickling its headers or body, a burst of 10x capacity
+from the load tester, and a rolling restart of both replicas under streaming load.
+
+The module starts its own 2-replica application (small admission limits, a 3 s request
+timeout at the ingress, an 8 s drain budget) because the rolling restart replaces its
+replicas. Each test prints its figures (run with `-s`).
+
+`python -m tests.cluster.test_overload_drain [BURST_SECONDS]` is the larger run that
+RELIABILITY.md records: default settings, the load tester's CLI for the burst, 200
+slowloris connections, a rolling restart under 8 streams (run it under the heavy lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import psutil
+import pytest
+
+from loadtest import client
+from loadtest.metrics import percentile
+from loadtest.records import RequestResult
+from loadtest.schedule import Arrival, ClosedLoop, open_loop
+from loadtest.targets import Dialect, Target
+from loadtest.workloads import LengthDist, WordTokenizer, synthetic
+from tests.cluster.conftest import ACCOUNT, MODEL, TENANTS, TOKEN, Cluster, running_cluster
+
+pytestmark = pytest.mark.cluster
+
+HTTP_REQUEST_TIMEOUT_S = 3
+GRACEFUL_SHUTDOWN_S = 8.0
+SLOTS = 2  # engine slots per replica
+QUEUE_TOTAL = 8  # waiting requests per replica, all tenants together
+QUEUE_WAIT_S = 10.0
+PORT_SPAN = 10  # direct-ingress ports: room for the replacements
+ROLLOUT_WITHIN_S = 300.0
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+RUN_PATH = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+# Greedy answers to these prompts run long on the tiny checkpoint: streams that outlast
+# the drain budget (one per replica).
+LONG_PROMPTS = ("Once upon a time", "Numbers such as")
+LONG = {"max_tokens": 1900, "temperature": 0, "stream": True}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def haproxy_apart() -> Iterator[dict[str, str]]:
+    """Env that keeps this cluster's HAProxy (files, stats and metrics ports) and Serve's
+    fallback proxy apart from the session cluster's, which may be running meanwhile.
+    A short directory: HAProxy's admin socket path must fit in 108 bytes."""
+    hap = Path(tempfile.mkdtemp(prefix="bs-hap-"))
+    try:
+        yield {
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        }
+    finally:
+        shutil.rmtree(hap, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def busy(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    settings = {
+        "BATCHSERVE_HTTP_REQUEST_TIMEOUT_S": str(HTTP_REQUEST_TIMEOUT_S),
+        "BATCHSERVE_GRACEFUL_SHUTDOWN_TIMEOUT_S": str(GRACEFUL_SHUTDOWN_S),
+        "BATCHSERVE_MAX_INFLIGHT_PER_REPLICA": str(SLOTS),
+        "BATCHSERVE_QUEUE_MAX_PER_TENANT": str(QUEUE_TOTAL),
+        "BATCHSERVE_QUEUE_MAX_TOTAL": str(QUEUE_TOTAL),
+        "BATCHSERVE_QUEUE_MAX_WAIT_S": str(QUEUE_WAIT_S),
+    }
+    work = tmp_path_factory.mktemp("overload")
+    with (
+        haproxy_apart() as apart,
+        running_cluster(
+            tiny_qwen2_dir, work, env={**settings, **apart}, port_span=PORT_SPAN
+        ) as cluster,
+    ):
+        yield cluster
+
+
+def report(name: str, **figures: object) -> None:
+    print(f"\n[{name}] " + "; ".join(f"{k}={v}" for k, v in figures.items()), flush=True)
+
+
+def _address(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    assert parts.hostname is not None and parts.port is not None
+    return parts.hostname, parts.port
+
+
+# -- slow clients ------------------------------------------------------------------------
+
+
+@dataclass
+class Trickle:
+    """What a client that sends one byte a second saw: the server's bytes, and when
+    (seconds from the first byte) the server closed the connection, if it did."""
+
+    received: bytes = b""
+    closed_after: float | None = None
+
+
+def trickle(address: tuple[str, int], *, body: bool, give_up_s: float) -> Trickle:
+    """`POST … HTTP/1.1\\r\\n` and then one header byte a second (or: complete headers
+    announcing a 64-byte body, then one body byte a second)."""
+    out = Trickle()
+    head = f"POST {RUN_PATH} HTTP/1.1\r\nHost: batchserve\r\nAuthorization: Bearer {TOKEN}\r\n"
+    if body:
+        first, rest = (head + "Content-Length: 64\r\n\r\n").encode(), b" " * 64
+    else:
+        first = f"POST {RUN_PATH} HTTP/1.1\r\n".encode()
+        rest = head.encode()[len(first) :]
+    with socket.create_connection(address, timeout=5) as sock:
+        sock.sendall(first)
+        start = time.monotonic()
+        sock.settimeout(1.0)
+        for i in range(len(rest)):
+            if time.monotonic() - start > give_up_s:
+                return out
+            try:
+                sock.sendall(rest[i : i + 1])
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                chunk = b""
+            if not chunk:
+                out.closed_after = time.monotonic() - start
+                return out
+            out.received += chunk
+    return out
+
+
+def test_trickled_headers_and_body_are_cut_off_by_the_ingress(busy: Cluster) -> None:
+    """HAProxy closes both after its `timeout http-request` (3 s here, 10 s by default)
+    with a 408, while a normal request is served meanwhile."""
+    ingress = _address(busy.url)
+    with ThreadPoolExecutor(3) as pool:
+        headers = pool.submit(trickle, ingress, body=False, give_up_s=30)
+        body = pool.submit(trickle, ingress, body=True, give_up_s=30)
+        # The replica's own uvicorn (its direct-ingress port) has no such timeout.
+        direct = pool.submit(trickle, _address(busy.replica_urls[0]), body=False, give_up_s=5)
+        time.sleep(1)
+        normal = httpx.post(
+            busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi", "max_tokens": 4}, timeout=30
+        )
+        cut_headers, cut_body, uvicorn_alone = headers.result(), body.result(), direct.result()
+    report(
+        "slowloris",
+        headers_closed_after_s=cut_headers.closed_after,
+        body_closed_after_s=cut_body.closed_after,
+        status_line=cut_headers.received.split(b"\r\n", 1)[0],
+        replica_port_closed_after_s=uvicorn_alone.closed_after,
+    )
+    assert normal.status_code == 200, normal.text
+    for cut in (cut_headers, cut_body):
+        assert cut.received.startswith(b"HTTP/1.1 408"), cut.received[:200]
+        assert cut.closed_after is not None
+        assert HTTP_REQUEST_TIMEOUT_S - 1 <= cut.closed_after <= HTTP_REQUEST_TIMEOUT_S + 2
+
+
+# -- a burst of 10x capacity -----------------------------------------------------------
+
+
+def replica_rss_mb(cluster: Cluster) -> dict[str, float]:
+    """RSS in MB of every replica actor (gateway + AsyncLLM front end), of its vLLM engine
+    processes together, and of HAProxy."""
+    out: dict[str, float] = {}
+    for proc in psutil.Process(cluster.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(proc.cmdline())
+            if "ServeReplica:" in line:
+                engine = sum(p.memory_info().rss for p in proc.children(recursive=True))
+                out[f"replica {proc.pid}"] = round(proc.memory_info().rss / 2**20, 1)
+                out[f"engine of {proc.pid}"] = round(engine / 2**20, 1)
+            elif proc.name() == "haproxy":
+                out[f"haproxy {proc.pid}"] = round(proc.memory_info().rss / 2**20, 1)
+    return out
+
+
+def burst(cluster: Cluster, rate: float, seconds: float, max_tokens: int) -> list[RequestResult]:
+    """Open loop (Poisson) at `rate` requests/s in total, spread over the three tenants,
+    each from its own load-tester client, through HAProxy."""
+    tenants = [(TOKEN, ACCOUNT), *TENANTS.values()]
+    each = rate / len(tenants)
+    n = max(int(each * seconds), 1)
+    tok = WordTokenizer()
+
+    def one(i: int) -> list[RequestResult]:
+        token, account = tenants[i]
+        target = Target(cluster.url, Dialect.WORKERS_AI, MODEL, token=token, account=account)
+        sessions = synthetic(tok, n, LengthDist.parse("16"), LengthDist.parse(str(max_tokens)))
+        load = open_loop(each, n, Arrival.POISSON, seed=i)
+        return client.run(target, sessions, load, tokenizer=tok, timeout_s=120).results
+
+    with ThreadPoolExecutor(len(tenants)) as pool:
+        return [r for part in pool.map(one, range(len(tenants))) for r in part]
+
+
+def _ms(xs: Sequence[float], p: float) -> float:
+    return round(percentile(xs, p) * 1000, 1) if xs else float("nan")
+
+
+def test_burst_of_10x_capacity(busy: Cluster) -> None:
+    """Capacity is measured first (a closed loop as wide as the engine slots); then an
+    open-loop burst at 10x it: every request is served in full or refused with 429/3040
+    at once, admitted ones within the queue's limits."""
+    tok = WordTokenizer()
+    target = Target(busy.url, Dialect.WORKERS_AI, MODEL, token=TOKEN, account=ACCOUNT)
+    sessions = synthetic(tok, 24, LengthDist.parse("16"), LengthDist.parse("32"))
+    slots = SLOTS * len(busy.replica_urls)
+    calm = client.run(target, sessions, ClosedLoop(slots), tokenizer=tok, timeout_s=120)
+    assert all(r.ok for r in calm.results), [r.error for r in calm.results if not r.ok]
+    took = max(r.end_offset_s for r in calm.results) - min(r.sent_offset_s for r in calm.results)
+    capacity = len(calm.results) / took
+
+    rss_before = replica_rss_mb(busy)
+    results = burst(busy, rate=10 * capacity, seconds=4.0, max_tokens=32)
+    rss_during = replica_rss_mb(busy)
+    time.sleep(2)
+    rss_after = replica_rss_mb(busy)
+    ok = [r for r in results if r.ok]
+    refused = [r for r in results if r.status == 429]
+    others = [r for r in results if not r.ok and r.status != 429]
+    ttft = [r.ttft_s for r in ok if r.ttft_s is not None]
+    refusal = [r.e2e_s for r in refused]
+    report(
+        "burst",
+        capacity_rps=round(capacity, 1),
+        rate_rps=round(10 * capacity, 1),
+        requests=len(results),
+        completed=len(ok),
+        refused_429=len(refused),
+        other_errors=len(others),
+        refusal_ms_p50=_ms(refusal, 50),
+        refusal_ms_p99=_ms(refusal, 99),
+        refusal_ms_max=_ms(refusal, 100),
+        ttft_ms_p50=_ms(ttft, 50),
+        ttft_ms_p99=_ms(ttft, 99),
+        rss_mb_before=rss_before,
+        rss_mb_end_of_burst=rss_during,
+        rss_mb_after=rss_after,
+    )
+    assert not others, [r.error for r in others][:5]
+    assert all(r.error is not None and '"code":3040' in r.error for r in refused)
+    assert len(refused) >= len(results) // 2
+    assert len(ok) >= slots  # the replicas kept serving meanwhile
+    # Refused at once: far below the 10 s a queued request may wait.
+    assert max(refusal) < 1.0
+    assert max(ttft) < QUEUE_WAIT_S
+    # Both replicas idle again; memory did not grow with the burst (loose bound: the
+    # engines' own caches warm up on first use).
+    for url in busy.replica_urls:
+        assert httpx.get(f"{url}/healthz", timeout=5).json()["engine_unfinished_requests"] == 0
+    grown = {k: rss_after[k] - v for k, v in rss_before.items() if k in rss_after}
+    assert all(g < 200 for g in grown.values()), grown
+
+
+# -- rolling restart -----------------------------------------------------------------------
+
+
+@dataclass
+class Stream:
+    """One streamed request as its client saw it (monotonic times)."""
+
+    sent_at: float = 0.0
+    first_at: float | None = None  # first text event
+    ended_at: float | None = None
+    status: int | None = None
+    events: int = 0
+    done: bool = False
+    error: str | None = None  # an SSE error event or a non-200 body
+    transport: str | None = None  # the connection broke
+
+    @property
+    def completed(self) -> bool:
+        return self.status == 200 and self.done and not self.error and not self.transport
+
+
+async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Stream:
+    out = Stream(sent_at=time.monotonic())
+    try:
+        async with http.stream("POST", url, json={**body, "stream": True}, headers=AUTH) as r:
+            out.status = r.status_code
+            if r.status_code != 200:
+                out.error = (await r.aread()).decode(errors="replace")[:200]
+                return out
+            async for line in r.aiter_lines():
+                data = line.removeprefix("data: ")
+                if data == line:
+                    continue
+                if data == "[DONE]":
+                    out.done = True
+                elif "errors" in json.loads(data):
+                    out.error = data[:200]
+                else:
+                    out.events += 1
+                    out.first_at = out.first_at or time.monotonic()
+    except httpx.HTTPError as exc:
+        out.transport = type(exc).__name__
+    finally:
+        out.ended_at = time.monotonic()
+    return out
+
+
+@dataclass
+class Drain:
+    """When an old replica began draining (its Serve health check, which HAProxy polls,
+    stopped passing) and when its port stopped accepting connections."""
+
+    url: str
+    draining_at: float | None = None
+    closed_at: float | None = None
+
+    async def watch(self, http: httpx.AsyncClient) -> None:
+        while self.closed_at is None:
+            try:
+                r = await http.get(f"{self.url}/-/healthz", timeout=1)
+                if r.status_code != 200 and self.draining_at is None:
+                    self.draining_at = time.monotonic()
+            except httpx.ConnectError:
+                self.closed_at = time.monotonic()
+                self.draining_at = self.draining_at or self.closed_at
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class Load:
+    """Closed-loop streams through HAProxy until stopped."""
+
+    streams: list[Stream] = field(default_factory=list)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def worker(
+        self, http: httpx.AsyncClient, url: str, i: int, max_tokens: int = 32, pause_s: float = 0.1
+    ) -> None:
+        while not self.stop.is_set():
+            body = {"prompt": f"Count to {i}.", "max_tokens": max_tokens}
+            self.streams.append(await stream(http, url, body))
+            await asyncio.sleep(pause_s)  # leave the CPU to the replicas starting meanwhile
+
+
+async def rolling_restart(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(120, connect=5)) as http:
+        drains = [Drain(url) for url in cluster.replica_urls]
+        # One long stream on each replica (sent to its own port): in flight when it drains.
+        longs = [
+            asyncio.create_task(stream(http, url + RUN_PATH, {**LONG, "prompt": p}))
+            for url, p in zip(cluster.replica_urls, LONG_PROMPTS, strict=True)
+        ]
+        load = Load()
+        workers = [
+            asyncio.create_task(load.worker(http, cluster.url + RUN_PATH, i)) for i in range(2)
+        ]
+        await asyncio.sleep(2)
+        watchers = [asyncio.create_task(d.watch(http)) for d in drains]
+        t0 = time.monotonic()
+        os.kill(cluster.pid, signal.SIGUSR1)
+        while "rolling restart done" not in cluster.log.read_text():
+            assert time.monotonic() - t0 < ROLLOUT_WITHIN_S, "rolling restart did not finish"
+            await asyncio.sleep(1)
+        took = time.monotonic() - t0
+        await asyncio.sleep(1)  # traffic on the two new replicas only
+        load.stop.set()
+        await asyncio.gather(*workers)
+        long_streams = await asyncio.gather(*longs)
+        await asyncio.wait_for(asyncio.gather(*watchers), 30)
+
+        failed = [s for s in load.streams if not s.completed]
+        during = [s for s in load.streams if s.sent_at >= t0]
+
+        def rel(t: float | None) -> float | None:
+            return None if t is None else round(t - t0, 2)
+
+        report(
+            "rolling restart",
+            took_s=round(took, 1),
+            streams=len(load.streams),
+            sent_during=len(during),
+            failed=len(failed),
+            drains=[(rel(d.draining_at), rel(d.closed_at)) for d in drains],
+            long_streams=[
+                (rel(s.ended_at), s.events, s.done, s.transport or s.error) for s in long_streams
+            ],
+        )
+        # Zero failed requests while both replicas were replaced one after the other.
+        assert not failed, [(s.status, s.error, s.transport) for s in failed][:5]
+        assert len(during) >= 10
+        # A stream still running when its replica drained ran on for the whole drain
+        # budget, then was cut (the replica was stopped), not before.
+        cut = 0
+        for d, s in zip(drains, long_streams, strict=True):
+            assert d.draining_at is not None and s.ended_at is not None
+            if s.ended_at < d.draining_at:
+                assert s.completed
+                continue
+            ran_on = s.ended_at - d.draining_at
+            if s.completed:
+                assert ran_on <= GRACEFUL_SHUTDOWN_S + 2
+                continue
+            cut += 1
+            assert GRACEFUL_SHUTDOWN_S - 1 <= ran_on <= GRACEFUL_SHUTDOWN_S + 5, ran_on
+            assert not s.done and s.events > 0
+        assert cut >= 1, "no stream outlasted its replica's drain budget"
+        # Served by two new replicas afterwards.
+        r = await http.post(cluster.url + RUN_PATH, headers=AUTH, json={"prompt": "hi"})
+        assert r.status_code == 200
+
+
+def test_rolling_restart_fails_no_request(busy: Cluster) -> None:
+    """SIGUSR1 to `batchserve up`: Serve replaces the replicas one at a time. Each old one
+    stops passing its health check (HAProxy stops routing to it), serves its streams
+    for up to graceful_shutdown_timeout_s, closes its port and is stopped."""
+    asyncio.run(rolling_restart(busy))
+
+
+# -- the larger run (RELIABILITY.md) -------------------------------------------------------
+
+
+class RssWatch:
+    """Replica and HAProxy RSS (MB) every 0.5 s in a thread: the peak per process."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.peak: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for k, v in replica_rss_mb(self.cluster).items():
+                self.peak[k] = max(self.peak.get(k, 0.0), v)
+
+    def __enter__(self) -> RssWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def loadtest_cli(
+    cluster: Cluster, model: Path, out: Path, output_len: int, *load: str
+) -> dict[str, Any]:
+    """`python -m loadtest run` through HAProxy (16-token prompts)."""
+    cmd = [sys.executable, "-m", "loadtest", "run", "--url", cluster.url, "--token", TOKEN,
+           "--account", ACCOUNT, "--model", MODEL, "--tokenizer", str(model),
+           "--input-len", "16", "--output-len", str(output_len), "--timeout", "180",
+           "--no-progress", "--out", str(out), *load]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    print(" ".join(cmd[1:]), "\n", run.stdout[-2000:], run.stderr[-2000:], flush=True)
+    summary: dict[str, Any] = json.loads(out.read_text())["summary"]
+    return summary
+
+
+def record_burst(
+    cluster: Cluster, model: Path, work: Path, seconds: float, output_len: int, bursts: int = 1
+) -> dict[str, Any]:
+    slots = 128  # 2 replicas x min(max_inflight_per_replica 256, max_num_seqs 64)
+    cap = loadtest_cli(
+        cluster, model, work / "capacity.json", output_len,
+        "--concurrency", str(slots), "-n", str(3 * slots),
+    )  # fmt: skip
+    capacity = float(cap["request_throughput_rps"])
+    rate = 10 * capacity
+    before = replica_rss_mb(cluster)
+    with RssWatch(cluster) as watch:
+        burst_out = work / "burst.json"
+        s = loadtest_cli(
+            cluster, model, burst_out, output_len,
+            "--rate", f"{rate:.1f}", "-n", str(int(rate * seconds)), "--workers", "2",
+        )  # fmt: skip
+        time.sleep(15)
+    after = replica_rss_mb(cluster)
+    # The same burst again: memory that only warmed up the first time stays put.
+    again = []
+    for i in range(2, bursts + 1):
+        loadtest_cli(
+            cluster, model, work / f"burst{i}.json", output_len,
+            "--rate", f"{rate:.1f}", "-n", str(int(rate * seconds)), "--workers", "2",
+        )  # fmt: skip
+        time.sleep(15)
+        again.append(replica_rss_mb(cluster))
+    rows = [json.loads(line) for line in burst_out.with_suffix(".requests.jsonl").open()]
+    kinds: dict[str, int] = {}
+    for r in rows:
+        if r["error"] and r["status"] != 429:
+            kind = str(r["status"] or r["error"][:40])
+            kinds[kind] = kinds.get(kind, 0) + 1
+    ms = s["ms"]
+    return {
+        "output_len": output_len,
+        "capacity_rps": round(capacity, 1),
+        "capacity_ttft_ms_p99": round(cap["ms"]["ttft"]["p99"]),
+        "rate_rps": round(rate, 1),
+        "requests": s["requests"],
+        "completed": s["completed"],
+        "refused_429": s["rate_limited"],
+        "other_errors": kinds,
+        "delivery": s.get("delivery"),
+        "refusal_ms": {k: ms["refusal"].get(k) for k in ("p50", "p99", "max")},
+        "admitted_ttft_ms": {k: ms["ttft"].get(k) for k in ("p50", "p99", "max")},
+        "admitted_e2e_ms_p99": ms["e2e"].get("p99"),
+        "rss_mb": {
+            "before": before,
+            "peak": watch.peak,
+            "after": after,
+            "after_each_further_burst": again,
+        },
+    }
+
+
+def record_slowloris(cluster: Cluster, n: int = 200) -> dict[str, Any]:
+    """`n` clients trickling headers at HAProxy (its default 10 s timeout) while 8 normal
+    streams run; and 20 trickling straight at a replica's own port."""
+
+    async def normal(seconds: float) -> list[Stream]:
+        load = Load()
+        async with httpx.AsyncClient(timeout=60) as http:
+            tasks = [
+                asyncio.create_task(load.worker(http, cluster.url + RUN_PATH, i, 64, 0.0))
+                for i in range(8)
+            ]
+            await asyncio.sleep(seconds)
+            load.stop.set()
+            await asyncio.gather(*tasks)
+        return load.streams
+
+    def ttft_ms(streams: Sequence[Stream]) -> dict[str, float]:
+        xs = [s.first_at - s.sent_at for s in streams if s.first_at is not None]
+        return {"p50": _ms(xs, 50), "p99": _ms(xs, 99)}
+
+    baseline = asyncio.run(normal(10))
+    ingress, replica = _address(cluster.url), _address(cluster.replica_urls[0])
+    with ThreadPoolExecutor(n + 20) as pool:
+        cut = [pool.submit(trickle, ingress, body=i % 2 == 1, give_up_s=40) for i in range(n)]
+        direct = [pool.submit(trickle, replica, body=False, give_up_s=20) for _ in range(20)]
+        time.sleep(1)
+        during = asyncio.run(normal(10))
+        closed = [f.result().closed_after for f in cut]
+        direct_closed = [f.result().closed_after for f in direct]
+    times = [c for c in closed if c is not None]
+    return {
+        "trickling_clients": n,
+        "closed_by_haproxy": len(times),
+        "closed_after_s": {"min": round(min(times), 2), "max": round(max(times), 2)},
+        "answered_408": n if all(t is not None for t in closed) else "see closed_by_haproxy",
+        "normal_streams_before": {"n": len(baseline), "ttft_ms": ttft_ms(baseline)},
+        "normal_streams_during": {
+            "n": len(during),
+            "failed": sum(not s.completed for s in during),
+            "ttft_ms": ttft_ms(during),
+        },
+        "replica_port_trickles_still_open_after_20s": sum(c is None for c in direct_closed),
+    }
+
+
+async def record_rollout(cluster: Cluster, workers: int = 8) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=5)) as http:
+        drains = [Drain(url) for url in cluster.replica_urls]
+        longs = [
+            asyncio.create_task(stream(http, url + RUN_PATH, {**LONG, "prompt": p}))
+            for url, p in zip(cluster.replica_urls, LONG_PROMPTS, strict=True)
+        ]
+        load = Load()
+        tasks = [
+            asyncio.create_task(load.worker(http, cluster.url + RUN_PATH, i, 64, 0.0))
+            for i in range(workers)
+        ]
+        await asyncio.sleep(5)
+        watchers = [asyncio.create_task(d.watch(http)) for d in drains]
+        t0 = time.monotonic()
+        os.kill(cluster.pid, signal.SIGUSR1)
+        while "rolling restart done" not in cluster.log.read_text():
+            assert time.monotonic() - t0 < 600, "rolling restart did not finish"
+            await asyncio.sleep(1)
+        took = time.monotonic() - t0
+        await asyncio.sleep(5)
+        load.stop.set()
+        await asyncio.gather(*tasks)
+        long_streams = await asyncio.gather(*longs)
+        await asyncio.wait_for(asyncio.gather(*watchers), 60)
+
+    def rel(t: float | None) -> float | None:
+        return None if t is None else round(t - t0, 1)
+
+    during = [s for s in load.streams if s.sent_at >= t0 and s.sent_at <= t0 + took]
+    ttft = [s.first_at - s.sent_at for s in during if s.first_at is not None]
+    return {
+        "took_s": round(took, 1),
+        "streams": len(load.streams),
+        "sent_during_rollout": len(during),
+        "failed": sum(not s.completed for s in load.streams),
+        "ttft_ms_during": {"p50": _ms(ttft, 50), "p99": _ms(ttft, 99), "max": _ms(ttft, 100)},
+        "drains_s": [
+            {"draining": rel(d.draining_at), "port_closed": rel(d.closed_at)} for d in drains
+        ],
+        "long_streams": [
+            {
+                "ended_s": rel(s.ended_at),
+                "events": s.events,
+                "done": s.done,
+                "cut": s.transport or s.error,
+            }
+            for s in long_streams
+        ],
+    }
+
+
+def main(argv: list[str]) -> int:
+    """[--only burst|slowloris|rollout] [--output-len N] [--bursts N] [BURST_SECONDS]"""
+    import argparse
+
+    from tests.fixtures.tiny_qwen2 import build_tiny_qwen2
+
+    parser = argparse.ArgumentParser(prog="python -m tests.cluster.test_overload_drain")
+    parser.add_argument("seconds", type=float, nargs="?", default=20.0)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--only", choices=["burst", "slowloris", "rollout"])
+    parser.add_argument("--bursts", type=int, default=2, help="bursts in a row (RSS after each)")
+    ns = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp, haproxy_apart() as apart:
+        work = Path(tmp)
+        model = build_tiny_qwen2(work / "model")
+        (work / "run").mkdir()
+        figures: dict[str, Any] = {}
+        with running_cluster(model, work / "run", env=apart, port_span=PORT_SPAN) as cluster:
+            if ns.only in (None, "burst"):
+                figures["burst"] = record_burst(
+                    cluster, model, work, ns.seconds, ns.output_len, ns.bursts
+                )
+            if ns.only in (None, "slowloris"):
+                figures["slowloris"] = record_slowloris(cluster)
+            if ns.only in (None, "rollout"):
+                figures["rolling_restart"] = asyncio.run(record_rollout(cluster))
+    print(json.dumps(figures, indent=2), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,10 +4,12 @@ started once through the CLI, on the tiny Qwen2 checkpoint."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -89,6 +91,23 @@ def _write_tenants(path: Path) -> None:
     )
 
 
+def haproxy_apart(hap: Path) -> dict[str, str]:
+    """Env that keeps one cluster's HAProxy (files under `hap`, stats and metrics ports) and
+    Serve's fallback proxy apart from another cluster's (the session cluster keeps running
+    while a module starts its own). `hap` must be short: HAProxy's admin socket path must
+    fit in 108 bytes."""
+    return {
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+    }
+
+
 @contextmanager
 def running_cluster(
     model_dir: Path,
@@ -122,6 +141,8 @@ def running_cluster(
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(base + span - 1),
         **(env or {}),
     }
+    hap = Path(tempfile.mkdtemp(prefix="bs-hap-"))
+    full_env = {**haproxy_apart(hap), **full_env}
     log = work / "batchserve-up.log"
     cmd = [sys.executable, "-m", "serve.cli", "up", "--profile", "cpu", "--port", str(port),
            "--model", str(model_dir), "--replicas", str(replicas),
@@ -149,6 +170,7 @@ def running_cluster(
         _, alive = psutil.wait_procs(tree, timeout=30)
         for p in alive:
             p.kill()
+        shutil.rmtree(hap, ignore_errors=True)
         leftovers = [f"{p.pid} {p.name()}" for p in alive]
         assert not leftovers, f"Ctrl-C left processes running: {leftovers}"
 

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -67,27 +66,6 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextlib.contextmanager
-def haproxy_apart() -> Iterator[dict[str, str]]:
-    """Env that keeps this cluster's HAProxy (files, stats and metrics ports) and Serve's
-    fallback proxy apart from the session cluster's, which may be running meanwhile.
-    A short directory: HAProxy's admin socket path must fit in 108 bytes."""
-    hap = Path(tempfile.mkdtemp(prefix="bs-hap-"))
-    try:
-        yield {
-            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
-            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
-            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
-            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
-        }
-    finally:
-        shutil.rmtree(hap, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
 def busy(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = {
@@ -99,12 +77,7 @@ def busy(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "BATCHSERVE_QUEUE_MAX_WAIT_S": str(QUEUE_WAIT_S),
     }
     work = tmp_path_factory.mktemp("overload")
-    with (
-        haproxy_apart() as apart,
-        running_cluster(
-            tiny_qwen2_dir, work, env={**settings, **apart}, port_span=PORT_SPAN
-        ) as cluster,
-    ):
+    with running_cluster(tiny_qwen2_dir, work, env=settings, port_span=PORT_SPAN) as cluster:
         yield cluster
 
 
@@ -652,12 +625,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--only", choices=["burst", "slowloris", "rollout"])
     parser.add_argument("--bursts", type=int, default=2, help="bursts in a row (RSS after each)")
     ns = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp, haproxy_apart() as apart:
+    with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model = build_tiny_qwen2(work / "model")
         (work / "run").mkdir()
         figures: dict[str, Any] = {}
-        with running_cluster(model, work / "run", env=apart, port_span=PORT_SPAN) as cluster:
+        with running_cluster(model, work / "run", port_span=PORT_SPAN) as cluster:
             if ns.only in (None, "burst"):
                 figures["burst"] = record_burst(
                     cluster, model, work, ns.seconds, ns.output_len, ns.bursts

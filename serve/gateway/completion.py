@@ -168,11 +168,12 @@ class Completion:
         stream = service.engine.generate(self.prepared.request)
         timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self._expire)
         finished = False
+        me = asyncio.current_task()  # once, not per token
         try:
             while True:
                 if self._expired:
                     raise RequestTimeout()
-                self._waiter = asyncio.current_task()
+                self._waiter = me
                 try:
                     delta = await anext(stream)
                 except StopAsyncIteration:

@@ -294,25 +294,22 @@ def with_account(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 def openai_chat_completions(model_name: str) -> dict[str, Any]:
-    schema, _ = _openai_request(ChatCompletionRequest)
-    return {
-        "openapi_extra": _json_body(_with_model(schema, model_name), "A chat completion request."),
-        "responses": _responses(
-            _completion_object(True, chunk=False),
-            OPENAI_ERROR,
-            stream={"anyOf": [_completion_object(True, chunk=True), OPENAI_ERROR]},
-        ),
-    }
+    return _openai_generation(ChatCompletionRequest, model_name, chat=True)
 
 
 def openai_completions(model_name: str) -> dict[str, Any]:
-    schema, _ = _openai_request(CompletionRequest)
+    return _openai_generation(CompletionRequest, model_name, chat=False)
+
+
+def _openai_generation(request: type[BaseModel], model_name: str, *, chat: bool) -> dict[str, Any]:
+    schema, _ = _openai_request(request)
+    what = "A chat completion request." if chat else "A completion request."
     return {
-        "openapi_extra": _json_body(_with_model(schema, model_name), "A completion request."),
+        "openapi_extra": _json_body(_with_model(schema, model_name), what),
         "responses": _responses(
-            _completion_object(False, chunk=False),
+            _completion_object(chat, chunk=False),
             OPENAI_ERROR,
-            stream={"anyOf": [_completion_object(False, chunk=True), OPENAI_ERROR]},
+            stream={"anyOf": [_completion_object(chat, chunk=True), OPENAI_ERROR]},
         ),
     }
 

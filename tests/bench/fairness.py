@@ -16,7 +16,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -31,6 +30,7 @@ import httpx
 
 from serve.tenants_cli import add_token
 from tests.fixtures.tiny_qwen2 import build_tiny_qwen2
+from tests.ports import free_port
 
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 
@@ -52,12 +52,6 @@ class Tenant:
         self.completed_at.clear()
         self.target = target
         self.reached = asyncio.Event()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def stream_once(client: httpx.AsyncClient, base: str, t: Tenant, max_tokens: int) -> None:
@@ -221,7 +215,7 @@ def main() -> int:
     tenants = work / "tenants.yaml"
     a = Tenant("A", add_token(tenants, tenant_id="A", accounts=["acct-a"]), "acct-a")
     b = Tenant("B", add_token(tenants, tenant_id="B", accounts=["acct-b"]), "acct-b")
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TENANCY_APP_DIR": str(work / "cache"),

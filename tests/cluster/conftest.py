@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from serve.gateway.tenants import hash_token
+from tests.ports import free_port
 
 TOKEN = "cluster-tier-token"
 ACCOUNT = "dev-account"
@@ -50,16 +51,10 @@ class Cluster:
         return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _free_port_run(n: int) -> int:
     """A port p with p+1 .. p+n-1 also free (Serve gives replica i the port base + i)."""
     for _ in range(50):
-        base = _free_port()
+        base = free_port()
         try:
             for offset in range(1, n):
                 with socket.socket() as s:
@@ -101,10 +96,10 @@ def haproxy_apart(hap: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
     }
 
 
@@ -123,7 +118,7 @@ def running_cluster(
     `env` adds to (or overrides) the environment; `port_span` widens the range of
     direct-ingress ports Serve may give replicas (room for replacements).
     """
-    port, span = _free_port(), port_span or replicas + 1
+    port, span = free_port(), port_span or replicas + 1
     base = _free_port_run(span)
     tenants_file = work / "tenants.yaml"
     _write_tenants(tenants_file)

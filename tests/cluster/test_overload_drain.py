@@ -60,12 +60,6 @@ LONG_PROMPTS = ("Once upon a time", "Numbers such as")
 LONG = {"max_tokens": 1900, "temperature": 0, "stream": True}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def busy(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     settings = {

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -17,15 +16,10 @@ import httpx
 import pytest
 
 from serve.tenants_cli import add_token
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_gateway(work: Path, tenants: Path, port: int) -> subprocess.Popen[bytes]:
@@ -101,7 +95,7 @@ def test_sigkill_mid_burst_keeps_one_record_per_finished_request(tmp_path: Path)
     tenants = tmp_path / "tenants.yaml"
     token = add_token(tenants, tenant_id="k", accounts=["acct-k"])
     auth = {"Authorization": f"Bearer {token}"}
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/client/v4/accounts/acct-k/ai/run/{MODEL}"
     proc = start_gateway(tmp_path, tenants, port)
     try:

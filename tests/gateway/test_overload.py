@@ -42,6 +42,7 @@ from serve.gateway.ledger import ModelTotals, UsageRecord
 from serve.gateway.ratelimit import InMemoryRateLimiter
 from serve.gateway.tenants import Tenant
 from serve.tenants_cli import add_token
+from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,12 +67,6 @@ SETTINGS = {
 # Four tenants share the burst: their own queues (4 x 8) could hold 32 requests, which
 # would wait up to 32 / 4 x 0.8 = 6.4 s; only the bound across tenants keeps them short.
 BURST_TENANTS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)
@@ -101,7 +96,7 @@ def running_gateway(work: Path) -> Iterator[Gateway]:
         (add_token(tenants_file, tenant_id=f"t{i}", accounts=[f"acct-{i}"]), f"acct-{i}")
         for i in range(BURST_TENANTS + 1)
     )
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "TENANCY_APP_DIR": str(work / "cache"),

@@ -23,6 +23,7 @@ from serve.cluster import build_gateway
 from serve.gateway.tenants import hash_token
 from serve.settings import Settings, cpu_catalog
 from tests.fakes import FakeEngine
+from tests.ports import free_port
 
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 TOKEN = "tok-redis-tenant-secret"
@@ -70,15 +71,9 @@ def _spawn_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
             time.sleep(0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    port = _free_port()
+    port = free_port()
     server = RedisServer(_spawn_redis(port, tmp_path), port)
     yield server
     if server.proc.poll() is None:
@@ -208,7 +203,7 @@ async def test_redis_down_fails_open_or_closed_fast(
 
 
 async def test_unreachable_redis_at_start_does_not_hang(tmp_path: Path) -> None:
-    dead = RedisServer(proc=None, port=_free_port())  # type: ignore[arg-type]
+    dead = RedisServer(proc=None, port=free_port())  # type: ignore[arg-type]
     app = make_app(tmp_path, dead, "g", rate_limit_fail_open=False)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
         r = await asyncio.wait_for(c.post(URL, headers=AUTH, json={"prompt": "hi"}), 5)

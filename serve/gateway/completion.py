@@ -168,12 +168,13 @@ class Completion:
         stream = service.engine.generate(self.prepared.request)
         timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self._expire)
         finished = False
-        me = asyncio.current_task()  # once, not per token
         try:
             while True:
                 if self._expired:
                     raise RequestTimeout()
-                self._waiter = me
+                # Per step, not once: the first step may run in another task (the SSE
+                # heartbeat's), the later ones in the response's.
+                self._waiter = asyncio.current_task()
                 try:
                     delta = await anext(stream)
                 except StopAsyncIteration:

@@ -7,7 +7,7 @@ chart's serveConfigV2 all go through `build_application`.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from opentelemetry.trace import Tracer
@@ -28,6 +28,9 @@ from serve.gateway.tenants import FileTenantStore, StaticTenantStore, Tenant, Te
 from serve.metrics import GatewayMetrics, ReplicaExposition
 from serve.replica.engine import Engine
 from serve.settings import Settings
+
+if TYPE_CHECKING:
+    from serve.replica.deployment import ReplicaParts
 
 
 def tenant_store(settings: Settings) -> TenantStore:
@@ -149,8 +152,9 @@ def build_gateway(
     return build_app(ctx, observability)
 
 
-def compose_replica(settings: Settings, replica_id: str) -> tuple[Engine, FastAPI]:
+def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
     """One replica: a vLLM engine and the gateway in front of it."""
+    from serve.replica.deployment import ReplicaParts
     from serve.replica.vllm_engine import VllmEngine
 
     engine = VllmEngine(
@@ -166,7 +170,8 @@ def compose_replica(settings: Settings, replica_id: str) -> tuple[Engine, FastAP
     app = build_gateway(
         settings, engine, replica_id=replica_id, behind_serve=True, engine_metrics=REGISTRY
     )
-    return engine, app
+    completions: CompletionService = app.state.completions
+    return ReplicaParts(engine=engine, app=app, check_health=completions.check_health)
 
 
 def build_application(args: dict[str, Any] | Settings | None = None) -> Any:

@@ -240,3 +240,16 @@ class EngineUnavailable(BatchserveError):
 
     def __init__(self, message: str = "AiError: The model is not ready yet") -> None:
         super().__init__(message, retry_after_s=5.0)
+
+
+class EngineStalled(EngineUnavailable):
+    """The engine holds unfinished requests but produced nothing for `stalled_s`
+    (`serve.replica.watchdog`): the replica fails its health check."""
+
+    def __init__(self, stalled_s: float, unfinished: int) -> None:
+        super().__init__(
+            f"AiError: The inference engine made no progress for {stalled_s:.0f} s "
+            f"with {unfinished} unfinished requests"
+        )
+        self.stalled_s = stalled_s
+        self.unfinished = unfinished

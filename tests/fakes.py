@@ -26,6 +26,10 @@ class FakeEngine:
     context_window: int = 4096
     delay_s: float = 0.0
     fail_after: int | None = None
+    # After this many deltas the engine stops producing (a stopped EngineCore).
+    stall_after: int | None = None
+    # What `check_health` raises (e.g. `EngineStalled`); None: healthy.
+    health_error: Exception | None = None
     requests: list[GenerateRequest] = field(default_factory=list)
     aborted: list[str] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)
@@ -58,6 +62,8 @@ class FakeEngine:
             for i, word in enumerate(words[:budget]):
                 if self.fail_after is not None and i >= self.fail_after:
                     raise EngineFailure()
+                if self.stall_after is not None and i >= self.stall_after:
+                    await asyncio.Event().wait()
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
                 hits = [(text + word).find(s) for s in sampling.stop if s in text + word]
@@ -84,7 +90,8 @@ class FakeEngine:
         return len(self.running)
 
     async def check_health(self) -> None:
-        return None
+        if self.health_error is not None:
+            raise self.health_error
 
     def shutdown(self) -> None:
         return None

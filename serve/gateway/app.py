@@ -28,6 +28,8 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    # The replica's health check goes through the completions (`serve.cluster`).
+    app.state.completions = ctx.completions
     # Inside the request id middleware: the observer's log line carries the id.
     app.add_middleware(
         RequestObserver, metrics=observability.metrics, access_log=observability.access_log

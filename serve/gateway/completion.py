@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.errors import ContextWindowExceeded, OutOfCapacity, RequestTimeout
+from serve.errors import ContextWindowExceeded, EngineStalled, OutOfCapacity, RequestTimeout
 from serve.gateway.admission import Caller, Gate, Ticket
 from serve.gateway.request_record import RequestRecord
 from serve.gateway.tracing import current_trace_headers
@@ -125,7 +125,7 @@ def plan_sampling(
     return options, clamped
 
 
-@dataclass
+@dataclass(eq=False)  # identity: running generations are kept in a set
 class Completion:
     """A running generation; iterate `deltas()` once, then read the totals."""
 
@@ -146,6 +146,8 @@ class Completion:
     # it only sets `_expired`, checked before the next wait (a slow consumer).
     _waiter: asyncio.Task[Any] | None = field(default=None, repr=False)
     _expired: bool = field(default=False, repr=False)
+    # Why it expired early (a stalled engine); None: the request timeout itself.
+    _expired_because: str | None = field(default=None, repr=False)
     _expired_task: asyncio.Task[Any] | None = field(default=None, repr=False)
     _cancelling: int = field(default=0, repr=False)
 
@@ -162,16 +164,17 @@ class Completion:
         """
         service, record, metrics = self._service, self.prepared.record, self._service.metrics
         service.inflight += 1
+        service.running.add(self)
         generated = metrics.generated_tokens.labels(metrics.model, record.plan, record.dialect)
         self._submit(record, metrics)
         keep = record.output
         stream = service.engine.generate(self.prepared.request)
-        timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self._expire)
+        timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self.expire)
         finished = False
         try:
             while True:
                 if self._expired:
-                    raise RequestTimeout()
+                    raise self._timeout()
                 # Per step, not once: the first step may run in another task (the SSE
                 # heartbeat's), the later ones in the response's.
                 self._waiter = asyncio.current_task()
@@ -182,7 +185,7 @@ class Completion:
                 except asyncio.CancelledError:
                     task = self._expired_task
                     if task is not None and task.uncancel() <= self._cancelling:
-                        raise RequestTimeout() from None  # the timer's cancel, not the caller's
+                        raise self._timeout() from None  # the timer's cancel, not the caller's
                     raise
                 finally:
                     self._waiter = None
@@ -209,6 +212,7 @@ class Completion:
         finally:
             timer.cancel()
             service.inflight -= 1
+            service.running.discard(self)
             self._settle(record, metrics, finished)
             try:
                 # Closing the engine stream is what aborts an unfinished engine request.
@@ -223,13 +227,20 @@ class Completion:
                         first_token_at=self.first_token_at,
                     )
 
-    def _expire(self) -> None:
-        """The request timeout fired: interrupt the wait for the engine, if one is pending."""
-        self._expired = True
+    def expire(self, because: str | None = None) -> None:
+        """End the generation with 408/3007 now (the request timeout fired, or `because`):
+        interrupt the wait for the engine if one is pending, else fail the next read."""
+        if self._expired:
+            return
+        self._expired, self._expired_because = True, because
         waiter = self._waiter
         if waiter is not None:
             self._expired_task, self._cancelling = waiter, waiter.cancelling()
             waiter.cancel()
+
+    def _timeout(self) -> RequestTimeout:
+        because = self._expired_because
+        return RequestTimeout() if because is None else RequestTimeout(f"AiError: {because}")
 
     def _submit(self, record: RequestRecord, metrics: GatewayMetrics) -> None:
         now = time.monotonic()
@@ -290,7 +301,7 @@ class CompletionService:
         request_timeout_s: float = 300.0,
     ) -> None:
         self.engine = engine
-        # A generation running longer is aborted with 408/3007 (`Completion._expire`).
+        # A generation running longer is aborted with 408/3007 (`Completion.expire`).
         self.request_timeout_s = request_timeout_s
         # Tenant limits and the fair queue; None: only the in-flight cap below.
         self.gate = gate
@@ -301,6 +312,23 @@ class CompletionService:
         self.retry_after_s = retry_after_s
         self.inflight = 0
         self.started_total = 0
+        # Generations iterating their deltas now (`check_health` may end them).
+        self.running: set[Completion] = set()
+
+    async def check_health(self) -> None:
+        """The engine's health check (Serve's, through the replica). A stalled engine also
+        ends every running generation now with 408/3007: Serve is replacing the replica,
+        and waiting for the request timeout would let the replica's shutdown cut them
+        without an error."""
+        try:
+            await self.engine.check_health()
+        except EngineStalled as exc:
+            because = (
+                f"Request timeout: the inference engine made no progress for {exc.stalled_s:.0f} s"
+            )
+            for completion in list(self.running):
+                completion.expire(because)
+            raise
 
     def prepare(
         self,

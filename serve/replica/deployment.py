@@ -7,7 +7,8 @@ ASGI app, so no Ray actor hop sits on the per-token path.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve as rayserve
@@ -18,8 +19,20 @@ from serve.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Builds (engine, gateway app) for one replica; `serve.cluster.compose_replica`.
-ReplicaFactory = Callable[[Settings, str], tuple[Engine, ASGIApp]]
+
+@dataclass(frozen=True)
+class ReplicaParts:
+    """What one replica runs: its engine, the gateway app in front of it, and the health
+    check Serve calls (the engine's, through the gateway, which ends the running
+    generations of a stalled engine)."""
+
+    engine: Engine
+    app: ASGIApp
+    check_health: Callable[[], Awaitable[None]]
+
+
+# Builds one replica's parts; `serve.cluster.compose_replica`.
+ReplicaFactory = Callable[[Settings, str], ReplicaParts]
 
 
 @rayserve.ingress()
@@ -27,7 +40,8 @@ class GatewayReplica:
     def __init__(self, settings: dict[str, Any], factory: ReplicaFactory) -> None:
         parsed = Settings.model_validate(settings)
         replica_id = rayserve.get_replica_context().replica_id.unique_id
-        self._engine, self._app = factory(parsed, replica_id)
+        parts = factory(parsed, replica_id)
+        self._engine, self._app, self._check_health = parts.engine, parts.app, parts.check_health
         log.info(
             "replica %s serving %s with weights %s",
             replica_id,
@@ -40,7 +54,7 @@ class GatewayReplica:
 
     async def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy."""
-        await self._engine.check_health()
+        await self._check_health()
 
     def __del__(self) -> None:
         engine = getattr(self, "_engine", None)

@@ -5,8 +5,9 @@ vLLM's `AsyncLLM.check_health` only looks at a dead flag, so a stopped engine pr
 fed on each health check with two numbers the engine's front end keeps cheaply: how
 many requests are unfinished and a counter of outputs produced so far. If there is
 work and the counter has not moved for `stall_s`, the engine is declared stalled and
-the health check fails, so Serve replaces the replica. In-flight requests meanwhile
-end at the request timeout (408/3007).
+the health check fails, so Serve replaces the replica. The gateway then ends every
+running generation at once with 408/3007 (`CompletionService.check_health`), or earlier
+at the request timeout if that comes first.
 """
 
 from __future__ import annotations
@@ -14,17 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from serve.errors import EngineUnavailable
+from serve.errors import EngineStalled
 
-
-class EngineStalled(EngineUnavailable):
-    def __init__(self, stalled_s: float, unfinished: int) -> None:
-        super().__init__(
-            f"AiError: The inference engine made no progress for {stalled_s:.0f} s "
-            f"with {unfinished} unfinished requests"
-        )
-        self.stalled_s = stalled_s
-        self.unfinished = unfinished
+__all__ = ["EngineStalled", "ProgressWatchdog"]
 
 
 class ProgressWatchdog:

@@ -4,6 +4,7 @@ its engine request freed, and the client gets 408/3007 in its dialect."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from serve.cluster import build_gateway
-from serve.errors import RequestTimeout
+from serve.errors import EngineStalled, EngineUnavailable, RequestTimeout
 from serve.gateway.completion import Budget, CompletionService, SamplingRequest
 from serve.metrics import GatewayMetrics
 from serve.settings import Settings
@@ -202,3 +203,106 @@ async def test_the_timer_cancel_is_undone_on_the_waiting_task() -> None:
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0
     await asyncio.sleep(0.01)  # no stray CancelledError lands here
+
+
+def stalls_after_first_token() -> FakeEngine:
+    """One token, then nothing (an EngineCore stopped mid-stream)."""
+    return FakeEngine(reply="first then never", stall_after=1)
+
+
+async def test_a_stream_stalled_after_its_heartbeat_wrapped_first_frame_times_out(
+    settings: Settings,
+) -> None:
+    """The first engine step runs in the SSE heartbeat's task, the next ones in the
+    response's: the timer must interrupt whichever task waits now (taking the task once
+    per generation hung this stream for ever)."""
+    engine = stalls_after_first_token()
+    beating = settings.model_copy(update={"stream_heartbeat_s": 0.05})
+    started = time.monotonic()
+    async with await client_for(beating, engine) as client:
+        r = await client.post(RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True})
+    elapsed = time.monotonic() - started
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    events = [json.loads(d) for d in data[:-1]]
+    assert events[0]["response"] == "first "
+    assert events[-1]["errors"] == [{"code": 3007, "message": "AiError: Request timeout"}]
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 0.5
+    assert_freed(engine)
+
+
+# -- a stalled engine ends every running generation at once (not at the request timeout)
+
+STALLED = EngineStalled(60.0, 2)
+STALL_MESSAGE = "AiError: Request timeout: the inference engine made no progress for 60 s"
+
+
+async def health_checks(app: Any, engine: FakeEngine, until: asyncio.Future[Any]) -> None:
+    """What Serve does: call the replica's health check every few ms (failures raise)."""
+    completions = app.state.completions
+    while not until.done():
+        await asyncio.sleep(0.02)
+        if len(engine.running) == 2:
+            engine.health_error = STALLED
+        with contextlib.suppress(EngineStalled):
+            await completions.check_health()
+
+
+async def test_a_stalled_engine_ends_both_dialects_with_408_before_the_request_timeout(
+    settings: Settings,
+) -> None:
+    engine = stalls_after_first_token()
+    app = build_gateway(settings.model_copy(update={"request_timeout_s": 3600}), engine)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        stream = client.post(RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True})
+        plain = client.post("/v1/chat/completions", headers=AUTH, json=chat)
+        both = asyncio.ensure_future(asyncio.gather(stream, plain))
+        await health_checks(app, engine, both)
+        streamed, answered = await both
+    events = [json.loads(d) for d in sse_data(streamed.text)[:-1]]
+    assert events[0]["response"] == "first "
+    assert events[-1]["errors"] == [{"code": 3007, "message": STALL_MESSAGE}]
+    assert answered.status_code == 408
+    assert answered.json()["error"] == {
+        "message": STALL_MESSAGE,
+        "type": "timeout_error",
+        "param": None,
+        "code": "3007",
+    }
+    assert_freed(engine)
+
+
+async def test_other_health_failures_leave_running_generations_alone() -> None:
+    """A dead engine fails its requests itself; a failing check for another reason must
+    not turn running generations into timeouts."""
+    engine = FakeEngine(reply="a b c", delay_s=0.05)
+    svc = service(engine, 60)
+    completion = await start(svc)
+    task = asyncio.create_task(completion.collect())
+    await asyncio.sleep(0.01)
+    engine.health_error = EngineUnavailable("AiError: The model is not ready yet")
+    with pytest.raises(EngineUnavailable):
+        await svc.check_health()
+    assert await task == "a b c"
+    assert svc.running == set()
+
+
+async def test_a_stall_reaches_only_generations_still_running() -> None:
+    engine = FakeEngine(reply="a", stall_after=0)
+    svc = service(engine, 60)
+    done = await start(svc)
+    engine.stall_after = None
+    assert await done.collect() == "a"
+    engine.stall_after = 0
+    stuck = await start(svc)
+    task = asyncio.create_task(stuck.collect())
+    await asyncio.sleep(0.01)
+    assert svc.running == {stuck}
+    engine.health_error = STALLED
+    with pytest.raises(EngineStalled):
+        await svc.check_health()
+    with pytest.raises(RequestTimeout, match="no progress for 60 s"):
+        await task
+    assert engine.aborted == ["r1"] and svc.running == set() and svc.inflight == 0

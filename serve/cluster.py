@@ -21,9 +21,11 @@ from serve.gateway.auth import Authenticator
 from serve.gateway.completion import Budget, CompletionService
 from serve.gateway.context import GatewayContext
 from serve.gateway.fair_queue import FairQueue
-from serve.gateway.ledger import SqliteLedger, UsageLedger
+from serve.gateway.ledger import UsageLedger
+from serve.gateway.ledger_liveness import LivenessTimers
 from serve.gateway.observer import Observability
 from serve.gateway.ratelimit import InMemoryRateLimiter, RateLimiter
+from serve.gateway.sqlite_ledger import SqliteLedger
 from serve.gateway.tenants import FileTenantStore, StaticTenantStore, Tenant, TenantStore
 from serve.metrics import GatewayMetrics, ReplicaExposition
 from serve.replica.engine import Engine
@@ -46,7 +48,14 @@ def tenant_store(settings: Settings) -> TenantStore:
 def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
     """Tenant limits, the fair queue and the usage ledger of one replica: in memory and
     SQLite for a single replica, Redis (shared by every replica) when `redis_url` is set."""
-    local_ledger = SqliteLedger(settings.usage_ledger_path or settings.cache_dir / "usage.sqlite3")
+    timers = LivenessTimers(
+        heartbeat_s=settings.usage_heartbeat_s,
+        dead_after_s=settings.usage_owner_dead_after_s,
+        sweep_s=settings.usage_sweep_s,
+    )
+    local_ledger = SqliteLedger(
+        settings.usage_ledger_path or settings.cache_dir / "usage.sqlite3", timers=timers
+    )
     limiter: RateLimiter
     ledger: UsageLedger
     if settings.redis_url is None:
@@ -68,6 +77,7 @@ def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
             timeout_s=settings.redis_timeout_s,
             fallback=local_ledger,
             on_error=lambda action: errors.labels(action).inc(),
+            timers=timers,
         )
     queue = FairQueue(
         settings.engine_slots,

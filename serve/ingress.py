@@ -1,4 +1,5 @@
-"""Slow-client limits for Serve's direct ingress (HAProxy) that Ray 2.60 has no knob for.
+"""Slow-client limits and JSON error pages for Serve's direct ingress (HAProxy), which
+Ray 2.60 has no knob for.
 
 Ray renders HAProxy's configuration itself (`ray/serve/_private/haproxy_templates.py`) and
 leaves `timeout http-request` unset: HAProxy then only applies `timeout client` (3600 s by
@@ -16,7 +17,14 @@ The lines added:
   and closes the connection;
 - `option http-buffer-request`: HAProxy waits for the body (up to its buffer, 16 KiB by
   default) before it picks a replica, so a trickled small body never reaches a replica
-  either; larger bodies stream on and the gateway's own `body_timeout_s` bounds them.
+  either; larger bodies stream on and the gateway's own `body_timeout_s` bounds them;
+- `errorfile <status> <file>` for each response HAProxy writes itself (502 when a replica
+  dies under a request, 503, 504, 408, ...): JSON error envelopes of both dialects, written
+  next to the wrapper (`serve.ingress_errors`, which also says what they cannot cover).
+  Ray's own `errorfile` lines (502/503/504 as a `text/plain` 500) are removed first.
+
+A marker comment added with the lines keeps a config from being edited twice (Ray
+re-renders the whole file before every start or reload).
 
 `batchserve up` writes the wrapper into the cache directory and points Ray at it; the
 container images ship one (`python -m serve.ingress PATH`).
@@ -31,7 +39,11 @@ import stat
 import sys
 from pathlib import Path
 
+from serve.ingress_errors import errorfile_lines, pages_dir, write_error_pages
+
 MARKER = "# batchserve haproxy wrapper"
+# Added to the `defaults` section with the lines: the config was already edited.
+CONFIG_MARKER = "# batchserve: slow-client limits and JSON error pages (serve/ingress.py)"
 
 
 def real_haproxy_binary() -> str:
@@ -61,20 +73,27 @@ def is_wrapper(path: Path) -> bool:
         return False
 
 
-def wrapper_script(real_binary: str, http_request_timeout_s: int) -> str:
-    lines = [f"timeout http-request {int(http_request_timeout_s)}s", "option http-buffer-request"]
-    # GNU sed: one `a` command per added line, appended in this order after `defaults`.
-    sed_args = " ".join(f"-e '/^defaults$/a\\    {line}'" for line in lines)
+def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[int, Path]) -> str:
+    lines = [
+        CONFIG_MARKER,
+        f"timeout http-request {int(http_request_timeout_s)}s",
+        "option http-buffer-request",
+        *errorfile_lines(pages),
+    ]
+    # GNU sed: Ray's errorfile lines go, then one `a` command per added line, appended in
+    # this order after `defaults`.
+    edits = ["/^ *errorfile /d", *(f"/^defaults$/a\\    {line}" for line in lines)]
+    sed_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
     return f"""#!/bin/sh
-{MARKER}: adds slow-client limits to the config Ray Serve generated
-# (see serve/ingress.py), then runs HAProxy itself with the same arguments.
+{MARKER}: adds slow-client limits and JSON error pages to the config Ray Serve
+# generated (see serve/ingress.py), then runs HAProxy itself with the same arguments.
 cfg=
 prev=
 for arg in "$@"; do
   if [ "$prev" = "-f" ]; then cfg=$arg; fi
   prev=$arg
 done
-if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -q '^ *timeout http-request' "$cfg"; then
+if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -qF {shlex.quote(CONFIG_MARKER)} "$cfg"; then
   sed -i {sed_args} "$cfg"
 fi
 exec {shlex.quote(real_binary)} "$@"
@@ -84,9 +103,11 @@ exec {shlex.quote(real_binary)} "$@"
 def write_haproxy_wrapper(
     path: Path, http_request_timeout_s: int, real_binary: str | None = None
 ) -> Path:
-    """Write the wrapper (mode 0755) and return its path."""
+    """Write the error pages (`pages_dir(path)`) and the wrapper (mode 0755); return the
+    wrapper's path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    script = wrapper_script(real_binary or real_haproxy_binary(), http_request_timeout_s)
+    pages = write_error_pages(pages_dir(path), http_request_timeout_s)
+    script = wrapper_script(real_binary or real_haproxy_binary(), http_request_timeout_s, pages)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(script)
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)

@@ -193,6 +193,13 @@ class Settings(BaseSettings):
     queue_reserved_slots: int | None = Field(default=None, ge=0)
     # Usage ledger without Redis: SQLite (WAL); default cache_dir/usage.sqlite3.
     usage_ledger_path: Path | None = None
+    # Write-ahead usage entries (serve/gateway/ledger.py): each replica's ledger refreshes a
+    # heartbeat this often; one silent for `usage_owner_dead_after_s` is dead and its
+    # requests in flight are recorded as error/replica_lost by a live replica's sweep,
+    # run every `usage_sweep_s`.
+    usage_heartbeat_s: float = Field(default=2.0, gt=0)
+    usage_owner_dead_after_s: float = Field(default=10.0, gt=0)
+    usage_sweep_s: float = Field(default=5.0, gt=0)
     # How often the tenants file is checked for changes.
     tenants_reload_s: float = Field(default=1.0, ge=0)
     dev_tenant: DevTenant | None = None
@@ -217,6 +224,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 "engine_stall_s + health_check_period_s must be below request_timeout_s"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _heartbeats_before_death(self) -> Settings:
+        # One late or failed heartbeat must not make a live replica look dead.
+        if self.usage_owner_dead_after_s < 2 * self.usage_heartbeat_s:
+            raise ValueError("usage_owner_dead_after_s must be at least 2 x usage_heartbeat_s")
         return self
 
     @property

@@ -5,7 +5,9 @@ usage record.
 waits for engine slots in the tenant's queue (`FairQueue`). The returned
 `Ticket` travels with the request's completions; when the last one ends, on
 any exit path, the ticket settles the real token usage, frees the slots and
-writes the usage record, all before the response's last byte is sent.
+writes the usage record, all before the response's last byte is sent. Before the
+ticket is handed out, the ledger holds the request's open entry (write-ahead), so
+a replica killed mid-request still leaves a record behind (`serve.gateway.ledger`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from serve.errors import ModelNotInPlan, TenantRateLimited
 from serve.gateway.fair_queue import FairQueue, Lease
-from serve.gateway.ledger import UsageLedger, UsageRecord
+from serve.gateway.ledger import OpenRequest, UsageLedger, UsageRecord
 from serve.gateway.ratelimit import RateLimiter, RateState, Reservation
 from serve.gateway.tenants import Tenant
 
@@ -167,7 +169,30 @@ class Gate:
         except BaseException:
             await self.limiter.settle(reservation, 0)
             raise
-        return Ticket(self, caller, request_id, reservation, lease, pending=choices)
+        ticket = Ticket(self, caller, request_id, reservation, lease, pending=choices)
+        try:
+            await self._write_ahead(ticket, prompt_tokens)
+        except BaseException:  # cancelled meanwhile: settle (and record) as never iterated
+            ticket.done, ticket.status = True, "aborted"
+            self.background(asyncio.get_running_loop().create_task(self.close(ticket)))
+            raise
+        return ticket
+
+    async def _write_ahead(self, ticket: Ticket, prompt_tokens: int) -> None:
+        """The open entry: one fast write, never a reason to fail the request."""
+        caller = ticket.caller
+        entry = OpenRequest(
+            request_id=ticket.request_id,
+            tenant_id=caller.tenant.tenant_id,
+            account_id=caller.account_id,
+            model=caller.model,
+            prompt_tokens=prompt_tokens,
+            started_at=ticket.started_at,
+        )
+        try:
+            await self.ledger.open(entry)
+        except Exception:
+            log.exception("open usage entry failed for request %s", ticket.request_id)
 
     def refuse_early(self, tenant_id: str) -> None:
         """Refuse now what `admit` would refuse for one more single-slot request of this

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
@@ -22,11 +25,25 @@ from serve.gateway.workers_ai_routes import workers_ai_router
 
 
 def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # The usage ledger's heartbeat and sweep of dead replicas' requests (its first
+        # write-ahead entry also starts them when the host runs no lifespan). Stopped, not
+        # closed: a host may run the lifespan of one app more than once (test clients).
+        if ctx.ledger is not None:
+            await ctx.ledger.start()
+        try:
+            yield
+        finally:
+            if ctx.ledger is not None:
+                await ctx.ledger.stop()
+
     app = GatewayAPI(
         title="batchserve",
         summary="Workers AI text-generation API (and OpenAI chat) on vLLM",
         docs_url=None,
         redoc_url=None,
+        lifespan=lifespan,
     )
     # The replica's health check goes through the completions (`serve.cluster`).
     app.state.completions = ctx.completions

@@ -1,4 +1,5 @@
-"""The one place where errors become HTTP responses, in the caller's dialect."""
+"""The one place where errors become HTTP responses, in the caller's dialect (or, for the
+pages HAProxy answers itself without knowing the dialect, in both at once)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import logging
 import math
 from enum import Enum
+from http import HTTPStatus
 from typing import Any
 
 from starlette.responses import Response
@@ -85,3 +87,29 @@ def error_response(err: BatchserveError, dialect: Dialect) -> Response:
         media_type="application/json",
         headers=error_headers(err),
     )
+
+
+def both_dialects_body(err: BatchserveError) -> dict[str, Any]:
+    """One object that is an error envelope of both dialects at once: the Workers AI keys
+    (`result`, `success`, `errors`, `messages`) and OpenAI's `error`. For responses written
+    where the dialect is not known (HAProxy's own error pages, `serve.ingress_errors`)."""
+    return {**error_body(err, Dialect.WORKERS_AI), **error_body(err, Dialect.OPENAI)}
+
+
+def raw_error_response(err: BatchserveError) -> bytes:
+    """`err` as a complete HTTP/1.1 response with the body of both dialects: status line,
+    headers (JSON, not cached, connection closed), blank line, body. HAProxy's `errorfile`
+    format."""
+    body = json.dumps(both_dialects_body(err), ensure_ascii=False, separators=(",", ":"))
+    payload = body.encode()
+    status = HTTPStatus(err.status)
+    headers = {
+        "Content-Type": "application/json",
+        "Content-Length": str(len(payload)),
+        "Cache-Control": "no-cache",
+        **error_headers(err),
+        "Connection": "close",
+    }
+    head = f"HTTP/1.1 {status.value} {status.phrase}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (head + "\r\n").encode("latin-1") + payload

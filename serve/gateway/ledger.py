@@ -1,19 +1,30 @@
-"""The usage ledger: one durable record per finished request.
+"""The usage ledger: one durable record per admitted request, even when its replica dies.
 
-`SqliteLedger` (WAL, synchronous=FULL) is the embedded default for a single
-replica; `serve.gateway.redis_ledger.RedisLedger` puts every replica's records
-in one Redis. A record is keyed by its request id and written at most once.
+`serve.gateway.sqlite_ledger.SqliteLedger` (WAL, synchronous=FULL) is the embedded
+default for a single replica; `serve.gateway.redis_ledger.RedisLedger` puts every
+replica's records in one Redis. A record is keyed by its request id and written at most once.
+
+Write-ahead: at admission a request gets an *open entry* (`OpenRequest`) tagged
+with the ledger's owner id (one per ledger instance: host, pid and a random
+suffix); its final `UsageRecord` replaces it when the request ends. Open entries
+are never counted. Every owner refreshes a heartbeat (`serve.gateway.ledger_liveness`); an owner
+whose heartbeat is older than `LivenessTimers.dead_after_s` is dead (SIGKILLed, its
+machine gone) and any live ledger sharing the store finalizes its open entries
+as `status="error"`, `finish_reason="replica_lost"`, `completion_tokens=0`
+(unknown), `ended_at` = when the sweep noticed. A live owner's entries are never
+touched. An owner that was only paused longer than `dead_after_s` (SIGSTOP) loses
+the race: its late final records are ignored, the `replica_lost` one stays.
 """
 
 from __future__ import annotations
 
-import asyncio
-import sqlite3
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
+
+# The final record of a request whose ledger owner died before it ended.
+LOST_STATUS = "error"
+LOST_REASON = "replica_lost"
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,33 @@ class UsageRecord:
 
 
 @dataclass(frozen=True)
+class OpenRequest:
+    """The write-ahead entry of an admitted request that has not ended yet."""
+
+    request_id: str
+    tenant_id: str
+    account_id: str
+    model: str
+    prompt_tokens: int
+    started_at: float  # epoch seconds
+
+    def lost(self, noticed_at: float) -> UsageRecord:
+        """The final record when the owner died first: what it used is unknown."""
+        return UsageRecord(
+            request_id=self.request_id,
+            tenant_id=self.tenant_id,
+            account_id=self.account_id,
+            model=self.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=0,
+            status=LOST_STATUS,
+            finish_reason=LOST_REASON,
+            started_at=self.started_at,
+            ended_at=max(noticed_at, self.started_at),
+        )
+
+
+@dataclass(frozen=True)
 class ModelTotals:
     model: str
     requests: int
@@ -46,87 +84,28 @@ class ModelTotals:
 
 
 class UsageLedger(Protocol):
+    async def open(self, entry: OpenRequest) -> None:
+        """Note an admitted request before it runs (never counted; replaced by its record)."""
+        ...
+
     async def record(self, record: UsageRecord) -> None:
-        """Store the record durably (a second record with the same request id is ignored)."""
+        """Store the record durably, replacing its open entry (a second record with the
+        same request id is ignored)."""
         ...
 
     async def totals(self, account_id: str, since: float, until: float) -> Sequence[ModelTotals]:
         """Per-model totals of one account for requests that ended in [since, until)."""
         ...
 
-    async def close(self) -> None: ...
+    async def start(self) -> None:
+        """Start the heartbeat and the sweep of dead owners (idempotent; `open` also does)."""
+        ...
 
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS usage (
-    request_id TEXT PRIMARY KEY,
-    tenant_id TEXT NOT NULL,
-    account_id TEXT NOT NULL,
-    model TEXT NOT NULL,
-    prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL,
-    status TEXT NOT NULL,
-    finish_reason TEXT NOT NULL,
-    started_at REAL NOT NULL,
-    ended_at REAL NOT NULL,
-    ttft_s REAL
-);
-CREATE INDEX IF NOT EXISTS usage_account_time ON usage (account_id, ended_at);
-"""
-
-
-class SqliteLedger:
-    """SQLite in WAL mode; every write is committed (and fsynced) before it returns.
-
-    One worker thread owns the connection, so the event loop never blocks on disk.
-    Several processes on one machine may share the file (SQLite locks it).
-    """
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="usage-ledger")
-        self._conn: sqlite3.Connection | None = None
-        self._pool.submit(self._open).result()
-
-    def _open(self) -> None:
-        conn = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
-        self._conn = conn
-
-    def _write(self, r: UsageRecord) -> None:
-        assert self._conn is not None
-        self._conn.execute(
-            "INSERT OR IGNORE INTO usage VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-            (r.request_id, r.tenant_id, r.account_id, r.model, r.prompt_tokens,
-             r.completion_tokens, r.status, r.finish_reason, r.started_at, r.ended_at,
-             r.ttft_s),
-        )  # fmt: skip
-
-    def _totals(self, account_id: str, since: float, until: float) -> list[ModelTotals]:
-        assert self._conn is not None
-        rows = self._conn.execute(
-            "SELECT model, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens) FROM usage"
-            " WHERE account_id = ? AND ended_at >= ? AND ended_at < ?"
-            " GROUP BY model ORDER BY model",
-            (account_id, since, until),
-        ).fetchall()
-        return [ModelTotals(str(m), int(n), int(p), int(c)) for m, n, p, c in rows]
-
-    async def record(self, record: UsageRecord) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._write, record)
-
-    async def totals(self, account_id: str, since: float, until: float) -> Sequence[ModelTotals]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._totals, account_id, since, until)
+    async def stop(self) -> None:
+        """End the heartbeat and sweeps; this owner counts as gone at once (the ledger stays
+        usable: a later `open` or `start` brings it back)."""
+        ...
 
     async def close(self) -> None:
-        def shut() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
-        self._pool.shutdown(wait=False)
+        """`stop`, then release the store."""
+        ...

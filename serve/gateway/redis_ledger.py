@@ -5,23 +5,45 @@ and a hash of all-time per-model counters. One Lua script writes both after a
 `SET NX` on the request id, so a record is never counted twice. Run Redis with
 AOF on (`appendonly yes`) for durability. When Redis cannot be reached the
 record goes to the local fallback ledger (SQLite) instead of being lost.
+
+Write-ahead (see `serve.gateway.ledger`): each ledger is an owner with a hash of
+its open entries (request id -> entry), an `alive` key that expires
+`dead_after_s` after its last heartbeat, and a place in the set of owners; all
+three share the `{owners}` hash tag (one slot). Admission writes the open entry
+and refreshes `alive` in one script (one round trip); a final record does not
+wait for the entry's removal: the next heartbeat deletes the ended requests'
+entries in bulk. A sweep reads the set of owners, finds those whose `alive` key
+expired, and writes each open entry's `replica_lost` record through the same
+`SET NX` script as every record (so two sweepers, or a sweeper and a late final
+record, never count a request twice), then deletes the entries and, once the
+hash is empty and the owner still dead, the owner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import asdict
+from typing import Any, Literal, TypeVar
 
-from serve.gateway.ledger import ModelTotals, UsageLedger, UsageRecord
+from serve.gateway.ledger import ModelTotals, OpenRequest, UsageRecord
+from serve.gateway.ledger_liveness import Liveness, LivenessTimers, new_owner_id
+from serve.gateway.sqlite_ledger import SqliteLedger
 
 log = logging.getLogger(__name__)
 
 KEY_PREFIX = "batchserve:usage"
+OWNERS_PREFIX = f"{KEY_PREFIX}:{{owners}}"
 DEDUPE_TTL_S = 7 * 24 * 3600
 _PAGE = 1000
+# Ended requests whose open entries one heartbeat call deletes, at most.
+_FORGET_PER_CALL = 1000
+
+_T = TypeVar("_T")
 
 # KEYS: dedupe key, account stream, account totals hash
 # ARGV: dedupe ttl, model, prompt tokens, completion tokens, then field/value pairs
@@ -36,9 +58,34 @@ redis.call('HINCRBY', KEYS[3], ARGV[2] .. '|completion_tokens', tonumber(ARGV[4]
 return 1
 """
 
+# KEYS: owner's alive key, owners set, owner's open hash
+# ARGV: alive ttl (ms), owner, then the request id and entry to open (or '' and ''),
+#       then request ids whose entries are done with
+_BEAT = """
+redis.call('SET', KEYS[1], '1', 'PX', tonumber(ARGV[1]))
+redis.call('SADD', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[3], ARGV[3], ARGV[4]) end
+for i = 5, #ARGV do redis.call('HDEL', KEYS[3], ARGV[i]) end
+return 1
+"""
+
+# KEYS: owner's alive key, owner's open hash, owners set; ARGV: owner
+_DROP_OWNER = """
+if redis.call('EXISTS', KEYS[1]) == 0 and redis.call('HLEN', KEYS[2]) == 0 then
+  return redis.call('SREM', KEYS[3], ARGV[1])
+end
+return 0
+"""
+
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def owner_keys(owner: str) -> tuple[str, str, str]:
+    """The owner's `alive` key, the set of owners, the owner's open entries."""
+    return (f"{OWNERS_PREFIX}:alive:{owner}", f"{OWNERS_PREFIX}:set",
+            f"{OWNERS_PREFIX}:open:{owner}")  # fmt: skip
 
 
 class RedisLedger:
@@ -47,40 +94,137 @@ class RedisLedger:
         client: Any,
         *,
         timeout_s: float,
-        fallback: UsageLedger | None = None,
+        fallback: SqliteLedger | None = None,
         on_error: Callable[[str], None] = lambda action: None,
+        timers: LivenessTimers | None = None,
+        owner: str | None = None,
+        cooldown_s: float = 2.0,
     ) -> None:
         self._redis = client
         self._timeout_s = timeout_s
         self._fallback = fallback
         self._on_error = on_error
+        self._timers = timers or LivenessTimers()
+        self.owner = owner or new_owner_id()
+        self._cooldown_s = cooldown_s
+        self._down_until = 0.0
         self._record = client.register_script(_RECORD)
+        self._beat = client.register_script(_BEAT)
+        self._drop_owner = client.register_script(_DROP_OWNER)
+        # Where each running request's open entry went; bounded by the requests in flight.
+        self._opened: dict[str, Literal["redis", "local"]] = {}
+        # Ended requests whose Redis open entries the next heartbeat deletes.
+        self._ended: set[str] = set()
+        self.liveness = Liveness("usage ledger (Redis)", self._timers, self.beat, self.sweep)
 
     @staticmethod
     def keys(request_id: str, account_id: str) -> list[str]:
         acct = f"{KEY_PREFIX}:{{{account_id}}}"
         return [f"{acct}:rid:{request_id}", f"{acct}:stream", f"{acct}:totals"]
 
-    async def record(self, record: UsageRecord) -> None:
-        from redis.exceptions import RedisError
+    async def _bounded(self, call: Coroutine[Any, Any, _T]) -> _T:
+        # A few round trips' worth of the timeout, whatever the socket does.
+        return await asyncio.wait_for(call, self._timeout_s * 8)
 
+    async def _write(self, record: UsageRecord) -> bool:
+        """The record, unless one with its request id exists (then False)."""
         fields: list[Any] = []
         for name, value in vars(record).items():
             fields += [name, "" if value is None else str(value)]
         args = [DEDUPE_TTL_S, record.model, record.prompt_tokens, record.completion_tokens]
+        written = await self._bounded(
+            self._record(keys=self.keys(record.request_id, record.account_id), args=args + fields)
+        )
+        return bool(int(written))
+
+    def _beat_args(self, entry: OpenRequest | None, ended: Sequence[str]) -> list[Any]:
+        opened = ["", ""] if entry is None else [entry.request_id, json.dumps(asdict(entry))]
+        return [int(self._timers.dead_after_s * 1000), self.owner, *opened, *ended]
+
+    async def open(self, entry: OpenRequest) -> None:
+        from redis.exceptions import RedisError
+
+        self.liveness.ensure_running()
+        if time.monotonic() >= self._down_until:
+            self._opened[entry.request_id] = "redis"
+            try:
+                await asyncio.wait_for(
+                    self._beat(keys=owner_keys(self.owner), args=self._beat_args(entry, ())),
+                    self._timeout_s * 4,
+                )
+                return
+            except (RedisError, OSError, TimeoutError) as err:
+                self._ended.add(entry.request_id)  # in case it landed after all
+                self._down_until = time.monotonic() + self._cooldown_s
+                self._on_error("ledger")
+                log.warning("open usage entry for %s not written to Redis (%s)",
+                            entry.request_id, type(err).__name__)  # fmt: skip
+        if self._fallback is None:
+            self._opened.pop(entry.request_id, None)
+            return
+        self._opened[entry.request_id] = "local"
+        await self._fallback.open(entry)
+
+    async def record(self, record: UsageRecord) -> None:
+        from redis.exceptions import RedisError
+
+        opened = self._opened.pop(record.request_id, None)
+        if opened == "redis":
+            self._ended.add(record.request_id)
         try:
-            await asyncio.wait_for(
-                self._record(keys=self.keys(record.request_id, record.account_id),
-                             args=args + fields),
-                self._timeout_s * 8,
-            )  # fmt: skip
+            await self._write(record)
         except (RedisError, OSError, TimeoutError) as err:
             self._on_error("ledger")
             log.warning("usage record for %s not written to Redis (%s)", record.request_id,
                         type(err).__name__)  # fmt: skip
             if self._fallback is None:
                 raise
-            await self._fallback.record(record)
+            await self._fallback.record(record)  # also replaces a local open entry
+            return
+        if opened == "local" and self._fallback is not None:
+            await self._fallback.forget(record.request_id)
+
+    async def beat(self) -> None:
+        ended = list(self._ended)
+        for i in range(0, max(len(ended), 1), _FORGET_PER_CALL):
+            chunk = ended[i : i + _FORGET_PER_CALL]
+            await self._bounded(
+                self._beat(keys=owner_keys(self.owner), args=self._beat_args(None, chunk))
+            )
+            self._ended.difference_update(chunk)
+
+    async def sweep(self) -> int:
+        """Finalize the open entries of dead owners; returns how many records it wrote."""
+        _, owners_key, _ = owner_keys(self.owner)
+        owners = [_text(o) for o in await self._bounded(self._redis.smembers(owners_key))]
+        owners = [o for o in owners if o != self.owner]
+        if not owners:
+            return 0
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for other in owners:
+                pipe.exists(owner_keys(other)[0])
+            alive = await self._bounded(pipe.execute())
+        lost = 0
+        for other, is_alive in zip(owners, alive, strict=True):
+            if int(is_alive):
+                continue
+            alive_key, _, open_key = owner_keys(other)
+            # One dead owner's requests in flight: bounded by its engine slots.
+            entries = await self._bounded(self._redis.hgetall(open_key))
+            noticed_at = time.time()
+            for request_id, raw in entries.items():
+                try:
+                    entry = OpenRequest(**json.loads(_text(raw)))
+                except (ValueError, TypeError):
+                    log.error("unreadable open usage entry %s of %s dropped",
+                              _text(request_id), other)  # fmt: skip
+                else:
+                    lost += await self._write(entry.lost(noticed_at))
+                await self._bounded(self._redis.hdel(open_key, request_id))
+            await self._bounded(
+                self._drop_owner(keys=[alive_key, open_key, owners_key], args=[other])
+            )
+        return lost
 
     async def totals(self, account_id: str, since: float, until: float) -> Sequence[ModelTotals]:
         stream = self.keys("", account_id)[1]
@@ -99,7 +243,34 @@ class RedisLedger:
             start = f"({_text(page[-1][0])}"
         return [ModelTotals(m, r[0], r[1], r[2]) for m, r in sorted(sums.items())]
 
-    async def close(self) -> None:
-        await self._redis.aclose()
+    async def start(self) -> None:
+        self.liveness.ensure_running()
         if self._fallback is not None:
-            await self._fallback.close()
+            await self._fallback.start()
+
+    async def stop(self) -> None:
+        from redis.exceptions import RedisError
+
+        await self.liveness.stop()
+        try:  # gone: whatever is still open here can be finalized at once
+            alive_key, _, open_key = owner_keys(self.owner)
+            ended = list(self._ended)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.delete(alive_key)
+                if ended:
+                    pipe.hdel(open_key, *ended)
+                await self._bounded(pipe.execute())
+            self._ended.difference_update(ended)
+        except (RedisError, OSError, TimeoutError) as err:
+            log.warning("usage ledger owner %s not marked gone (%s)", self.owner,
+                        type(err).__name__)  # fmt: skip
+        if self._fallback is not None:
+            await self._fallback.stop()
+
+    async def close(self) -> None:
+        try:
+            await self.stop()
+        finally:
+            await self._redis.aclose()
+            if self._fallback is not None:
+                await self._fallback.close()

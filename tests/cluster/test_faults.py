@@ -48,6 +48,9 @@ TERMINAL_WITHIN_S = 5.0
 # 10 kills; all others within 0.35 s). Never a hang, though.
 BARE_CLOSE_WITHIN_S = 10.0
 REPLACED_WITHIN_S = 240.0
+# A killed replica's requests in flight get their usage records (error / replica_lost) from
+# another replica's sweep: usage_owner_dead_after_s (10) + usage_sweep_s (5), and slack.
+USAGE_RECORDED_WITHIN_S = 10.0 + 5.0 + 5.0
 # max_tokens of the in-flight requests: far more than fits in the seconds a test waits.
 LONG = 1500
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -219,7 +222,8 @@ class Client:
     events: int = 0  # normal SSE events (text deltas, usage)
     done: bool = False  # saw `data: [DONE]`
     error: dict[str, Any] | None = None  # an error envelope (JSON body or SSE event)
-    body: str = ""  # a non-JSON body (e.g. HAProxy's own error page)
+    body: str = ""  # a non-JSON body
+    content_type: str | None = None
     transport: str | None = None  # the connection broke: httpx's exception
     cancelled: bool = False  # still running normally when the test stopped waiting
 
@@ -260,6 +264,7 @@ async def request(http: httpx.AsyncClient, url: str, body: dict[str, Any], out: 
         async with http.stream("POST", url, json=body, headers=AUTH) as r:
             out.status = r.status_code
             out.request_id = r.headers.get("cf-ai-req-id")
+            out.content_type = r.headers.get("content-type")
             if out.stream and r.status_code == 200:
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
@@ -538,11 +543,27 @@ async def test_engine_core_stopped_mid_stream(faulty: Cluster) -> None:
         )
 
 
+def assert_replica_went_away(c: Client) -> None:
+    """HAProxy's own 502 (serve/ingress_errors.py): one JSON object that is the error
+    envelope of both dialects, Workers AI and OpenAI."""
+    assert (c.status, c.content_type, c.transport) == (502, "application/json", None), c.seen()
+    assert c.error is not None, c.seen()
+    message = "AiError: The replica serving this request went away, please retry"
+    assert c.error == {
+        "result": None,
+        "success": False,
+        "errors": [{"code": 3008, "message": message}],
+        "messages": [],
+        "error": {"message": message, "type": "server_error", "param": None, "code": "3008"},
+    }, c.error
+
+
 async def test_replica_actor_killed_mid_stream(faulty: Cluster) -> None:
     """SIGKILL of a replica actor (gateway and engine front end die together) with
     streams and plain requests spread over both replicas by HAProxy: the victim's
-    clients see their connection end within 5 s (never a hang), the other replica's
-    clients are untouched, Serve replaces the replica, and traffic is served again."""
+    clients see their connection end within 5 s (never a hang), plain ones with HAProxy's
+    JSON 502 unless HAProxy closes without a response, the other replica's clients are
+    untouched, Serve replaces the replica, and traffic is served again."""
     async with httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5)) as http:
         before = await ready_replicas(http, faulty)
         await haproxy_routes_to(http, faulty, before)
@@ -583,15 +604,17 @@ async def test_replica_actor_killed_mid_stream(faulty: Cluster) -> None:
         assert sum(not c.stream for c in cut) == total - streams, [c.seen() for c in clients]
         for c in cut:
             assert c.ended_at is not None, c.seen()
-            assert not c.done and c.error is None, c.seen()
+            assert not c.done, c.seen()
             within = TERMINAL_WITHIN_S
             if c.stream:  # headers and some events came: the stream is cut short
                 assert (c.status, c.events > 0, c.transport) == (200, True, "RemoteProtocolError")
+                assert c.error is None, c.seen()
             elif c.status is None:  # nothing sent yet, and HAProxy closed without a response
-                assert c.transport == "RemoteProtocolError", c.seen()
+                # (it does so when the dead replica's connection was an idle one it reused)
+                assert c.transport == "RemoteProtocolError" and c.error is None, c.seen()
                 within = BARE_CLOSE_WITHIN_S
-            else:  # nothing sent yet: HAProxy's own error page (Serve maps 502 to 500)
-                assert (c.status, c.body) == (500, "Internal Server Error"), c.seen()
+            else:  # nothing sent yet: HAProxy's 502 page, a JSON envelope of both dialects
+                assert_replica_went_away(c)
             assert c.ended_at - t_kill < within, (c.ended_at - t_kill, c.seen())
         survivors = [c for c in clients if c not in cut]
         assert all(c.completed or (c.cancelled and c.error is None) for c in survivors)
@@ -601,15 +624,25 @@ async def test_replica_actor_killed_mid_stream(faulty: Cluster) -> None:
             assert time.monotonic() < deadline, "the killed replica's engine kept running"
             await asyncio.sleep(0.2)
         engine_gone_after = time.monotonic() - t_kill
-        # Usage of the requests that died with the process: nothing was written.
+        # Usage of the requests that died with the process: the other replica's sweep records
+        # them (error / replica_lost) once the victim's ledger heartbeat is old enough.
         ids = [c.request_id for c in cut if c.request_id]
-        lost = len(ids) - len(ledger_status(faulty, ids)) if ids else 0
+
+        async def recorded() -> bool:
+            return len(await asyncio.to_thread(ledger_status, faulty, ids)) == len(ids)
+
+        left_s = USAGE_RECORDED_WITHIN_S - (time.monotonic() - t_kill)
+        await until(recorded, left_s, "the usage records of the cut requests")
+        recorded_after = time.monotonic() - t_kill
+        assert ledger_status(faulty, ids) == dict.fromkeys(ids, "error")
 
         after_replace = await ready_replicas(http, faulty, not_pids=[victim.pid])
         replaced_after = time.monotonic() - t_kill
         await watcher
         stop_probe.set()
         seen = await prober
+        # Every error a probe got was an envelope (the gateway's, or HAProxy's JSON page).
+        assert all("/" in s for s in seen if s[0] in "45"), counts(seen)
         assert victim.pid not in [r.pid for r in after_replace]
         await served_through_haproxy(http, faulty)
         report(
@@ -619,7 +652,7 @@ async def test_replica_actor_killed_mid_stream(faulty: Cluster) -> None:
             cut_saw=[c.seen() for c in cut],
             survivors=[c.seen() for c in survivors],
             engine_gone_after_s=round(engine_gone_after, 2),
-            usage_records_lost=f"{lost} of {len(ids)} with a known id",
+            usage_records=f"{len(ids)} with a known id, error after {recorded_after:.1f} s",
             actor_gone_after_s=timeline.gone_after,
             replacement_ready_after_s=round(replaced_after, 1),
             probes_through_haproxy=counts(seen),

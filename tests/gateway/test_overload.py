@@ -38,7 +38,7 @@ from loadtest.workloads import LengthDist, WordTokenizer, synthetic
 from serve.errors import OutOfCapacity, TenantRateLimited
 from serve.gateway.admission import Caller, Gate
 from serve.gateway.fair_queue import FairQueue
-from serve.gateway.ledger import ModelTotals, UsageRecord
+from serve.gateway.ledger import ModelTotals, OpenRequest, UsageRecord
 from serve.gateway.ratelimit import InMemoryRateLimiter
 from serve.gateway.tenants import Tenant
 from serve.tenants_cli import add_token
@@ -335,7 +335,16 @@ def test_trickled_body_is_cut_off_while_others_are_served(gateway: Gateway) -> N
 
 
 class _NoLedger:
+    async def open(self, entry: OpenRequest) -> None:
+        return None
+
     async def record(self, record: UsageRecord) -> None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
         return None
 
     async def totals(self, account_id: str, since: float, until: float) -> list[ModelTotals]:

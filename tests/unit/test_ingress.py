@@ -1,4 +1,5 @@
-"""The HAProxy wrapper that adds slow-client limits to the config Ray Serve generates."""
+"""The HAProxy wrapper that adds slow-client limits and JSON error pages to the config Ray
+Serve generates."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 import pytest
 
 from serve.cli import _use_haproxy_wrapper
-from serve.ingress import is_wrapper, real_haproxy_binary, write_haproxy_wrapper
+from serve.ingress import CONFIG_MARKER, is_wrapper, real_haproxy_binary, write_haproxy_wrapper
+from serve.ingress_errors import pages_dir
 from serve.settings import Settings
+from tests.ports import free_port
 
-# The shape of Ray 2.60's rendered config (ray/serve/_private/haproxy_templates.py).
+# The shape of Ray 2.60's rendered config (ray/serve/_private/haproxy_templates.py),
+# with its errorfile lines: 502/503/504 as one text/plain 500.
 RAY_CONFIG = """global
     maxconn 4096
 defaults
@@ -21,12 +25,54 @@ defaults
     timeout connect 5s
     timeout client 3600s
     timeout http-keep-alive 90s
+    errorfile 502 {error_file}
+    errorfile 503 {error_file}
+    errorfile 504 {error_file}
+    balance leastconn
 frontend http_frontend
     bind 127.0.0.1:{port}
     default_backend default_backend
 backend default_backend
     server s1 127.0.0.1:1
 """
+STATUSES = (400, 403, 408, 429, 500, 501, 502, 503, 504)
+
+
+def ray_haproxy_config(work: Path, frontend_port: int, servers: dict[str, tuple[str, int]]) -> Path:
+    """The config Ray 2.60 itself renders (its own template and code, as its HAProxy
+    manager does) for one HTTP app per `servers` entry: path prefix -> (name, port)."""
+    from ray.serve._private.haproxy import (
+        BackendConfig,
+        HAProxyApi,
+        HAProxyConfig,
+        ServerConfig,
+    )
+    from ray.serve.config import HTTPOptions
+
+    cfg = HAProxyConfig(
+        socket_path=str(work / "run" / "admin.sock"),
+        server_state_base=str(work / "state"),
+        server_state_file=str(work / "state" / "server-state"),
+        http_options=HTTPOptions(host="127.0.0.1", port=frontend_port),
+        metrics_port=free_port(),
+        stats_port=free_port(),
+        metrics_enabled=False,
+        nbthread=1,
+    )
+    api = HAProxyApi(cfg, config_file_path=str(work / "haproxy.cfg"))
+    api.set_backend_configs(
+        {
+            name: BackendConfig(
+                name=name,
+                path_prefix=prefix,
+                app_name=name,
+                servers=[ServerConfig(name=f"{name}-1", host="127.0.0.1", port=port)],
+            )
+            for prefix, (name, port) in servers.items()
+        }
+    )
+    api._generate_config_file_internal()
+    return Path(api.config_file_path)
 
 
 def fake_haproxy(tmp_path: Path) -> Path:
@@ -37,9 +83,9 @@ def fake_haproxy(tmp_path: Path) -> Path:
     return fake
 
 
-def test_wrapper_adds_the_timeouts_once_and_passes_every_argument(tmp_path: Path) -> None:
+def test_wrapper_adds_its_lines_once_and_passes_every_argument(tmp_path: Path) -> None:
     cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(RAY_CONFIG.format(port=1))
+    cfg.write_text(RAY_CONFIG.format(port=1, error_file=tmp_path / "500.http"))
     wrapper = write_haproxy_wrapper(tmp_path / "bin" / "haproxy", 7, str(fake_haproxy(tmp_path)))
     assert os.access(wrapper, os.X_OK) and is_wrapper(wrapper)
     args = ["-db", "-f", str(cfg), "-dR", "-sf", "123"]
@@ -48,20 +94,47 @@ def test_wrapper_adds_the_timeouts_once_and_passes_every_argument(tmp_path: Path
         assert run.stdout.split("\n")[:-1] == args
     lines = cfg.read_text().splitlines()
     at = lines.index("defaults")
-    added = ["    timeout http-request 7s", "    option http-buffer-request"]
-    assert lines[at + 1 : at + 3] == added
+    pages = pages_dir(wrapper)
+    added = [
+        f"    {CONFIG_MARKER}",
+        "    timeout http-request 7s",
+        "    option http-buffer-request",
+        *(f'    errorfile {s} "{pages / f"{s}.http"}"' for s in STATUSES),
+    ]
+    assert lines[at + 1 : at + 1 + len(added)] == added
     assert sum("timeout http-request" in line for line in lines) == 1
-    assert lines[at + 3] == "    mode http"  # the rest untouched
+    # Ray's own errorfile lines are gone: ours are the only ones, so no order matters.
+    assert [line for line in lines if "errorfile" in line] == added[3:]
+    assert lines[at + 1 + len(added)] == "    mode http"  # the rest untouched
+    assert lines[-1] == "    server s1 127.0.0.1:1"
+    assert sorted(p.name for p in pages.iterdir()) == [f"{s}.http" for s in STATUSES]
 
 
-def test_config_with_the_timeouts_is_valid_for_the_bundled_haproxy(tmp_path: Path) -> None:
+def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_path: Path) -> None:
     real = real_haproxy_binary()  # ray-haproxy is a dependency: it must be there
-    cfg = tmp_path / "haproxy.cfg"
-    cfg.write_text(RAY_CONFIG.format(port=18999))
-    wrapper = write_haproxy_wrapper(tmp_path / "haproxy", 10, real)
+    cfg = ray_haproxy_config(tmp_path, free_port(), {"/": ("batchserve", free_port())})
+    rendered = cfg.read_text()
+    # What the wrapper relies on in Ray's template: a `defaults` line, and Ray's own
+    # errorfile lines (replaced) are the only ones.
+    assert "\ndefaults\n" in rendered
+    ray_pages = [line for line in rendered.splitlines() if "errorfile" in line]
+    assert [line.split()[:2] for line in ray_pages] == [
+        ["errorfile", "502"],
+        ["errorfile", "503"],
+        ["errorfile", "504"],
+    ]
+    wrapper = write_haproxy_wrapper(tmp_path / "bin" / "haproxy", 10, real)
     check = subprocess.run([str(wrapper), "-c", "-f", str(cfg)], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
-    assert "timeout http-request 10s" in cfg.read_text()
+    text = cfg.read_text()
+    assert "timeout http-request 10s" in text and "option http-buffer-request" in text
+    ours = [line.strip() for line in text.splitlines() if "errorfile" in line]
+    assert ours == [f'errorfile {s} "{pages_dir(wrapper) / f"{s}.http"}"' for s in STATUSES]
+
+
+def test_error_pages_refuse_a_path_haproxy_would_misread(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="cannot live under"):
+        write_haproxy_wrapper(tmp_path / "a$HOME" / "haproxy", 10, "/bin/true")
 
 
 def test_up_wraps_the_configured_binary_but_never_a_wrapper(
@@ -75,6 +148,7 @@ def test_up_wraps_the_configured_binary_but_never_a_wrapper(
     assert wrapper == tmp_path / "cache" / "bin" / "haproxy"
     text = wrapper.read_text()
     assert str(fake) in text and "timeout http-request 4s" in text
+    assert (pages_dir(wrapper) / "502.http").is_file()
     # A wrapper already configured (the images ship one) is replaced, not wrapped again.
     _use_haproxy_wrapper(settings.model_copy(update={"http_request_timeout_s": 9}))
     text = wrapper.read_text()

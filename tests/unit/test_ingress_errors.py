@@ -1,0 +1,313 @@
+"""HAProxy's own error responses as JSON envelopes of both dialects (serve/ingress_errors.py):
+the files themselves, then a real HAProxy (the bundled one, run by the wrapper over the
+config Ray itself renders) in front of a replica that dies under a request and of one
+that is gone. No Ray cluster: a few seconds."""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import socket
+import socketserver
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cloudflare
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from serve.gateway.openapi_doc import OPENAI_ERROR, WORKERS_AI_ERROR
+from serve.ingress import real_haproxy_binary, write_haproxy_wrapper
+from serve.ingress_errors import MAX_PAGE_BYTES, write_error_pages
+from tests.ports import free_port
+from tests.unit.test_ingress import STATUSES, ray_haproxy_config
+
+# status -> (Workers AI code, OpenAI type, OpenAI code, Retry-After)
+EXPECTED: dict[int, tuple[int, str, str, str | None]] = {
+    400: (5006, "invalid_request_error", "5006", None),
+    403: (10000, "permission_error", "10000", None),
+    408: (3007, "timeout_error", "3007", None),
+    429: (3040, "rate_limit_error", "rate_limit_exceeded", "1"),
+    500: (3008, "server_error", "3008", None),
+    501: (5006, "invalid_request_error", "5006", None),
+    502: (3008, "server_error", "3008", "1"),
+    503: (3040, "server_error", "3040", "1"),
+    504: (3007, "timeout_error", "3007", None),
+}
+WORKERS_AI_KEYS = {"result", "success", "errors", "messages"}
+HTTP_REQUEST_TIMEOUT_S = 1
+
+
+def assert_both_envelopes(body: Any, status: int) -> str:
+    """`body` is the error envelope of both dialects for `status`: each dialect's keys
+    validate against the schema `/openapi.json` documents for its errors (which allow no
+    other key), and there is nothing else. Returns the message."""
+    assert isinstance(body, dict) and set(body) == WORKERS_AI_KEYS | {"error"}, body
+    jsonschema.validate({k: body[k] for k in WORKERS_AI_KEYS}, WORKERS_AI_ERROR)
+    jsonschema.validate({"error": body["error"]}, OPENAI_ERROR)
+    code, openai_type, openai_code, _ = EXPECTED[status]
+    assert body["result"] is None and body["success"] is False and body["messages"] == []
+    assert [e["code"] for e in body["errors"]] == [code]
+    message = body["errors"][0]["message"]
+    assert body["error"] == {
+        "message": message,
+        "type": openai_type,
+        "param": None,
+        "code": openai_code,
+    }
+    return str(message)
+
+
+class _Raw:
+    def __init__(self, data: bytes) -> None:
+        self.file = io.BytesIO(data)
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return self.file
+
+
+def parse_response(raw: bytes) -> tuple[http.client.HTTPResponse, bytes]:
+    """Parse `raw` as one HTTP/1.1 response; it must hold nothing after the body."""
+    sock = _Raw(raw)
+    response = http.client.HTTPResponse(sock)  # type: ignore[arg-type]
+    response.begin()
+    length = int(response.getheader("Content-Length") or -1)
+    body = response.read()
+    assert len(body) == length and raw.endswith(b"\r\n\r\n" + body), "bytes after the body"
+    return response, body
+
+
+def test_each_page_is_one_http_response_with_both_envelopes(tmp_path: Path) -> None:
+    pages = write_error_pages(tmp_path, http_request_timeout_s=7)
+    assert sorted(pages) == list(STATUSES)
+    for status, path in pages.items():
+        raw = path.read_bytes()
+        assert len(raw) < MAX_PAGE_BYTES and raw.startswith(f"HTTP/1.1 {status} ".encode())
+        response, body = parse_response(raw)
+        assert response.status == status and response.version == 11
+        assert response.getheader("Content-Type") == "application/json"
+        assert response.getheader("Content-Length") == str(len(body))
+        assert response.getheader("Cache-Control") == "no-cache"
+        assert response.getheader("Connection") == "close"
+        assert response.getheader("Retry-After") == EXPECTED[status][3]
+        message = assert_both_envelopes(json.loads(body), status)
+        assert "HAProxy" not in message and message.strip() == message
+    _, body = parse_response(pages[408].read_bytes())
+    assert "longer than 7 s" in json.loads(body)["errors"][0]["message"]
+    _, body = parse_response(pages[502].read_bytes())
+    assert json.loads(body)["errors"][0]["message"] == (
+        "AiError: The replica serving this request went away, please retry"
+    )
+
+
+# -- a real HAProxy -------------------------------------------------------------------------
+
+
+class _Replica(socketserver.BaseRequestHandler):
+    """Answers 200 to anything (health checks included), except a request whose path
+    contains /dies: it reads it, waits a little (the request is in flight) and closes the
+    connection without a response, as a killed process does (with a reset when the path
+    also contains /rst). Closes the connection after each answer, so that HAProxy opens a
+    new one for each request, unless the path starts with /kept."""
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        buffered = b""
+        while True:
+            while b"\r\n\r\n" not in buffered:
+                try:
+                    chunk = sock.recv(65536)
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffered += chunk
+            head, _, buffered = buffered.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(buffered) < length:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return
+                buffered += chunk
+            buffered = buffered[length:]
+            target = head.split(b" ")[1]
+            if b"/dies" in target:
+                time.sleep(0.2)
+                if b"/rst" in target:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            kept = target.startswith(b"/kept")
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n"
+                + (b"" if kept else b"Connection: close\r\n")
+                + b'\r\n{"ok":true}'
+            )
+            if not kept:
+                return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+@dataclass(frozen=True)
+class Ingress:
+    url: str
+    port: int
+
+
+@pytest.fixture(scope="module")
+def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
+    """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
+    with three apps: `/` and `/kept` on the same live replica (two backends, so two pools
+    of idle connections), `/gone` on a port nobody listens on."""
+    work = tmp_path_factory.mktemp("haproxy")
+    replica = _Server(("127.0.0.1", 0), _Replica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    port = free_port()
+    cfg = ray_haproxy_config(
+        work,
+        port,
+        {
+            "/": ("live", replica.server_address[1]),
+            "/kept": ("kept", replica.server_address[1]),
+            "/gone": ("gone", free_port()),
+        },
+    )
+    wrapper = write_haproxy_wrapper(
+        work / "bin" / "haproxy", HTTP_REQUEST_TIMEOUT_S, real_haproxy_binary()
+    )
+    log = (work / "haproxy.log").open("wb")
+    proc = subprocess.Popen([str(wrapper), "-f", str(cfg), "-db"], stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            assert proc.poll() is None, (work / "haproxy.log").read_text()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "HAProxy did not come up"
+            time.sleep(0.05)
+        yield Ingress(f"http://127.0.0.1:{port}", port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        replica.shutdown()
+        replica.server_close()
+
+
+def assert_json_error(r: httpx.Response, status: int) -> str:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert r.headers.get("retry-after") == EXPECTED[status][3]
+    return assert_both_envelopes(r.json(), status)
+
+
+@pytest.mark.parametrize("how", ["dies", "dies/rst"])
+def test_a_replica_dying_under_a_request_is_a_json_502(ingress: Ingress, how: str) -> None:
+    with httpx.Client(base_url=ingress.url, timeout=10) as http:
+        assert http.get("/ok").status_code == 200  # the replica is up (and now it dies)
+    with httpx.Client(base_url=ingress.url, timeout=10) as http:
+        r = http.post(f"/client/v4/accounts/a/ai/run/@cf/x/{how}", json={"prompt": "hi"})
+    message = assert_json_error(r, 502)
+    assert message == "AiError: The replica serving this request went away, please retry"
+
+
+def test_no_replica_to_connect_to_is_a_json_503(ingress: Ingress) -> None:
+    started = time.monotonic()
+    r = httpx.post(f"{ingress.url}/gone/v1/chat/completions", json={}, timeout=10)
+    assert_json_error(r, 503)
+    assert time.monotonic() - started < 5  # at most HAProxy's 3 retries, 1 s apart
+
+
+def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:
+    started = time.monotonic()
+    raw = b""
+    while chunk := sock.recv(65536):
+        raw += chunk
+    return raw, time.monotonic() - started
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_json_408(ingress: Ingress) -> None:
+    with socket.create_connection(("127.0.0.1", ingress.port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            b"\r\nContent-Length: 64\r\n\r\n{"  # then nothing
+        )
+        raw, waited = read_until_closed(sock)
+    response, body = parse_response(raw)
+    assert response.status == 408 and response.getheader("Content-Type") == "application/json"
+    message = assert_both_envelopes(json.loads(body), 408)
+    assert message == "AiError: Request timeout: the request took longer than 1 s to arrive"
+    assert HTTP_REQUEST_TIMEOUT_S - 0.1 < waited < HTTP_REQUEST_TIMEOUT_S + 2
+
+
+def test_errors_of_haproxys_http1_layer_keep_its_own_pages(ingress: Ingress) -> None:
+    """Not what we want, but what HAProxy 2.8 does: before a request's headers are
+    complete, its HTTP/1 layer answers by itself with built-in pages and reads no
+    errorfile: a request it cannot parse (400) and headers that do not arrive within
+    `timeout http-request` (408, slowloris). Neither comes from a client of either dialect
+    that speaks HTTP in time. If this starts failing, HAProxy uses our pages there too."""
+    with socket.create_connection(("127.0.0.1", ingress.port), timeout=5) as sock:
+        sock.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        raw, _ = read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 400 ") and b"Content-Type: text/html" in raw, raw
+    with socket.create_connection(("127.0.0.1", ingress.port), timeout=5) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # then nothing
+        raw, waited = read_until_closed(sock)
+    assert raw.startswith(b"HTTP/1.1 408 ") and b"Content-Type: text/html" in raw, raw
+    assert waited < HTTP_REQUEST_TIMEOUT_S + 2
+
+
+def test_the_official_sdks_read_the_502(ingress: Ingress) -> None:
+    with (
+        openai.OpenAI(base_url=f"{ingress.url}/dies/v1", api_key="k", max_retries=0) as oai,
+        pytest.raises(openai.InternalServerError) as caught,
+    ):
+        oai.chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+    assert caught.value.status_code == 502
+    assert (caught.value.type, caught.value.code) == ("server_error", "3008")
+    with (
+        cloudflare.Cloudflare(
+            api_token="t", base_url=f"{ingress.url}/dies/client/v4", max_retries=0
+        ) as cf,
+        pytest.raises(cloudflare.InternalServerError) as cf_caught,
+    ):
+        cf.ai.run("@cf/x/y", account_id="a", prompt="hi")
+    assert cf_caught.value.status_code == 502
+    assert [(e.code, e.message) for e in cf_caught.value.errors] == [
+        (3008, "AiError: The replica serving this request went away, please retry")
+    ]
+
+
+def test_a_reused_replica_connection_that_dies_is_a_bare_close(ingress: Ingress) -> None:
+    """Not what we want, but what HAProxy 2.8 does (and Ray's `http-reuse always` makes
+    common): when the replica closes without a response a connection HAProxy had kept
+    idle and reused for this request, HAProxy closes the client's connection without any
+    response, so that the client retries (the idle-connection race of RFC 9112 9.3.1). No
+    error page can change that. The official SDKs retry such a close (`max_retries`)."""
+    with httpx.Client(base_url=ingress.url, timeout=10) as http:
+        assert http.get("/kept/ok").status_code == 200  # leaves an idle replica connection
+    with httpx.Client(base_url=ingress.url, timeout=10) as http:  # a new client connection
+        with pytest.raises(httpx.RemoteProtocolError):
+            http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})
+        # Had HAProxy opened a new connection, the same request would be a 502.
+        r = http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})
+        assert_json_error(r, 502)

@@ -4,18 +4,16 @@ client has exactly one record after the gateway process is killed and restarted.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve.tenants_cli import add_token
+from tests import gateway_process
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -23,27 +21,7 @@ MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 
 
 def start_gateway(work: Path, tenants: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "TENANCY_APP_DIR": str(work / "cache"),
-        "TENANCY_APP_TENANTS": str(tenants),
-        "TENANCY_APP_DELAY_S": "0.03",
-    }
-    log = (work / f"gateway-{port}.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.tenancy_app:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
+    return gateway_process.start_gateway(work, tenants, port, {"TENANCY_APP_DELAY_S": "0.03"})
 
 
 KILL_AFTER = 10  # finished requests before the SIGKILL (of 120 in the burst)

@@ -5,8 +5,6 @@ coming back is used again without restarting the gateway."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -24,6 +22,7 @@ from serve.gateway.tenants import hash_token
 from serve.settings import Settings, cpu_catalog
 from tests.fakes import FakeEngine
 from tests.ports import free_port
+from tests.redis_server import spawn_redis
 
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 TOKEN = "tok-redis-tenant-secret"
@@ -46,35 +45,13 @@ class RedisServer:
 
     def start_fresh(self, data_dir: Path) -> None:
         """A new, empty redis-server on the same port (a replaced Redis without its data)."""
-        self.proc = _spawn_redis(self.port, data_dir)
-
-
-def _spawn_redis(port: int, data_dir: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is not installed (apt-get install redis-server)"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir),
-         "--appendonly", "yes", "--save", "", "--daemonize", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise AssertionError("redis-server did not start") from None
-            time.sleep(0.05)
+        self.proc = spawn_redis(self.port, data_dir)
 
 
 @pytest.fixture
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     port = free_port()
-    server = RedisServer(_spawn_redis(port, tmp_path), port)
+    server = RedisServer(spawn_redis(port, tmp_path), port)
     yield server
     if server.proc.poll() is None:
         server.stop()

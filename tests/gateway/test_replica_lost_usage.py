@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import closing
@@ -25,6 +23,7 @@ import redis
 from serve.gateway.ledger import LOST_REASON
 from serve.gateway.redis_ledger import KEY_PREFIX, OWNERS_PREFIX
 from serve.tenants_cli import add_token
+from tests import gateway_process
 from tests.ports import free_port
 from tests.redis_server import RedisProcess
 
@@ -46,28 +45,8 @@ def start_gateway(
     }
     if redis_url is not None:  # generous: a loaded machine must not send it to the fallback
         settings.update(redis_url=redis_url, redis_timeout_s=2.0)
-    env = {
-        **os.environ,
-        "TENANCY_APP_DIR": str(work / "cache"),
-        "TENANCY_APP_TENANTS": str(tenants),
-        "TENANCY_APP_DELAY_S": str(WORD_DELAY_S),
-        "TENANCY_APP_SETTINGS": json.dumps(settings),
-    }
-    log = (work / f"gateway-{port}.log").open("ab")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "tests.tenancy_app:create_app", "--factory",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parents[2],
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.1)
+    env = {"TENANCY_APP_DELAY_S": str(WORD_DELAY_S), "TENANCY_APP_SETTINGS": json.dumps(settings)}
+    return gateway_process.start_gateway(work, tenants, port, env)
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
@@ -42,12 +41,12 @@ from serve.gateway.ledger import ModelTotals, OpenRequest, UsageRecord
 from serve.gateway.ratelimit import InMemoryRateLimiter
 from serve.gateway.tenants import Tenant
 from serve.tenants_cli import add_token
+from tests import gateway_process
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
 
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
-REPO = Path(__file__).parents[2]
 # The replica: 4 engine slots, each request holding one for 8 words x 0.1 s = 0.8 s, so
 # capacity is 5 requests/s. At most 8 requests wait (all tenants together), 8 per tenant,
 # none longer than 5 s.
@@ -98,29 +97,12 @@ def running_gateway(work: Path) -> Iterator[Gateway]:
     )
     port = free_port()
     env = {
-        **os.environ,
-        "TENANCY_APP_DIR": str(work / "cache"),
-        "TENANCY_APP_TENANTS": str(tenants_file),
         "TENANCY_APP_DELAY_S": str(WORD_DELAY_S),
         "TENANCY_APP_SETTINGS": json.dumps(SETTINGS),
     }
-    with (work / "gateway.log").open("ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.tenancy_app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
+    proc = gateway_process.start_gateway(work, tenants_file, port, env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "no gateway"
-            time.sleep(0.1)
         yield Gateway(url, proc.pid, tenants)
     finally:
         proc.terminate()

@@ -21,7 +21,13 @@ The lines added:
 - `errorfile <status> <file>` for each response HAProxy writes itself (502 when a replica
   dies under a request, 503, 504, 408, ...): JSON error envelopes of both dialects, written
   next to the wrapper (`serve.ingress_errors`, which also says what they cannot cover).
-  Ray's own `errorfile` lines (502/503/504 as a `text/plain` 500) are removed first.
+  Ray's own `errorfile` lines (502/503/504 as a `text/plain` 500) are removed first;
+- `http-reuse safe` instead of Ray's `always` in each backend: a client's first request
+  gets a connection of its own to the replica. When a replica dies under a request sent
+  over a connection HAProxy reused, HAProxy answers with no response at all (a bare close,
+  so the client retries), not the 502 page; with `safe`, only a request that came on a
+  reused client connection can meet that, and HTTP requires such a client to expect a close
+  (RFC 9112 9.3.1). The cost: one local TCP connect per new client connection.
 
 A marker comment added with the lines keeps a config from being edited twice (Ray
 re-renders the whole file before every start or reload).
@@ -80,9 +86,13 @@ def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[in
         "option http-buffer-request",
         *errorfile_lines(pages),
     ]
-    # GNU sed: Ray's errorfile lines go, then one `a` command per added line, appended in
-    # this order after `defaults`.
-    edits = ["/^ *errorfile /d", *(f"/^defaults$/a\\    {line}" for line in lines)]
+    # GNU sed: Ray's errorfile lines go, its backends' `http-reuse always` becomes `safe`,
+    # then one `a` command per added line, appended in this order after `defaults`.
+    edits = [
+        "/^ *errorfile /d",
+        r"s/^\( *\)http-reuse always$/\1http-reuse safe/",
+        *(f"/^defaults$/a\\    {line}" for line in lines),
+    ]
     sed_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
     return f"""#!/bin/sh
 {MARKER}: adds slow-client limits and JSON error pages to the config Ray Serve

@@ -29,7 +29,8 @@ Transfer-Encoding it does not implement (the pages for these codes still serve w
 HAProxy answers them once the request exists, as 408 for a late body). And when a
 replica closes without a response a connection HAProxy had kept idle and reused for the
 request, HAProxy closes the client's connection without any response, so that the client
-retries.
+retries; the wrapper's `http-reuse safe` leaves that to requests that came on a reused
+client connection (`serve.ingress`).
 """
 
 from __future__ import annotations

@@ -521,6 +521,21 @@ def test_redis_statefulset_persists_and_networkpolicy_guards_it(
     assert "--appendonly" in sts["spec"]["template"]["spec"]["containers"][0]["args"]
     policies = {d["metadata"]["name"] for d in docs if d["kind"] == "NetworkPolicy"}
     assert policies == {"batchserve", "batchserve-redis"}
+    # The Ray pods' policy admits the KubeRay operator to the dashboard, or the operator
+    # could never deploy Serve (the Serve port and Ray's own traffic are rules of their own).
+    (ray,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "batchserve"
+    ]
+    rules = ray["spec"]["ingress"]
+    (operator,) = [
+        r for r in rules if {"port": "dashboard", "protocol": "TCP"} in r.get("ports", [])
+    ]
+    assert operator["from"] == [
+        {
+            "namespaceSelector": {},
+            "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}},
+        }
+    ]
     ephemeral = documents({"redis": {"enabled": True, "persistence": {"enabled": False}}})
     (sts,) = [d for d in ephemeral if d["kind"] == "StatefulSet"]
     assert "volumeClaimTemplates" not in sts["spec"]

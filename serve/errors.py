@@ -242,6 +242,22 @@ class EngineUnavailable(BatchserveError):
         super().__init__(message, retry_after_s=5.0)
 
 
+class ReplicaShuttingDown(BatchserveError):
+    """The replica is draining and its budget is about to run out (`serve.replica.drain`):
+    a generation still running ends now, with an error its client can act on, instead of
+    a connection cut when Serve stops the replica."""
+
+    status = 503
+    code = 3040
+    openai_type = "server_error"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "AiError: The replica serving this request is shutting down, please retry",
+            retry_after_s=1.0,
+        )
+
+
 class EngineStalled(EngineUnavailable):
     """The engine holds unfinished requests but produced nothing for `stalled_s`
     (`serve.replica.watchdog`): the replica fails its health check."""

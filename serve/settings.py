@@ -162,6 +162,10 @@ class Settings(BaseSettings):
     health_check_period_s: float = Field(default=10.0, gt=0)
     health_check_timeout_s: float = Field(default=30.0, gt=0)
     graceful_shutdown_timeout_s: float = Field(default=30.0, ge=0)
+    # A draining replica polls its own /-/healthz this often (0: never) and ends the
+    # generations still running 1 s before graceful_shutdown_timeout_s runs out, with
+    # 503/3040, instead of leaving them to be cut (serve/replica/drain.py).
+    drain_poll_s: float = Field(default=1.0, ge=0)
 
     # Observability: one JSON access log line per request (logger `batchserve.access`);
     # `log_prompts` (debug only) adds prompt token ids and generated text to it.

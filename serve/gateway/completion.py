@@ -11,11 +11,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from serve.errors import ContextWindowExceeded, EngineStalled, OutOfCapacity, RequestTimeout
+from serve.errors import (
+    BatchserveError,
+    ContextWindowExceeded,
+    EngineStalled,
+    OutOfCapacity,
+    RequestTimeout,
+)
 from serve.gateway.admission import Caller, Gate, Ticket
 from serve.gateway.request_record import RequestRecord
 from serve.gateway.tracing import current_trace_headers
@@ -143,11 +149,10 @@ class Completion:
     cached_tokens: int = 0
     # The request timeout: one timer per generation. While the generation waits for the
     # engine, `_waiter` is the waiting task; the timer cancels it (a stalled engine), else
-    # it only sets `_expired`, checked before the next wait (a slow consumer).
+    # it only sets `_ended`, checked before the next wait (a slow consumer). `_ended` is
+    # the error the generation ends with: the timeout's, or an earlier one (`end`).
     _waiter: asyncio.Task[Any] | None = field(default=None, repr=False)
-    _expired: bool = field(default=False, repr=False)
-    # Why it expired early (a stalled engine); None: the request timeout itself.
-    _expired_because: str | None = field(default=None, repr=False)
+    _ended: BatchserveError | None = field(default=None, repr=False)
     _expired_task: asyncio.Task[Any] | None = field(default=None, repr=False)
     _cancelling: int = field(default=0, repr=False)
 
@@ -165,6 +170,8 @@ class Completion:
         service, record, metrics = self._service, self.prepared.record, self._service.metrics
         service.inflight += 1
         service.running.add(self)
+        if service.closing is not None:  # the replica is about to stop: fail at once
+            self._ended = service.closing()
         generated = metrics.generated_tokens.labels(metrics.model, record.plan, record.dialect)
         self._submit(record, metrics)
         keep = record.output
@@ -173,8 +180,8 @@ class Completion:
         finished = False
         try:
             while True:
-                if self._expired:
-                    raise self._timeout()
+                if self._ended is not None:
+                    raise self._ended
                 # Per step, not once: the first step may run in another task (the SSE
                 # heartbeat's), the later ones in the response's.
                 self._waiter = asyncio.current_task()
@@ -185,7 +192,7 @@ class Completion:
                 except asyncio.CancelledError:
                     task = self._expired_task
                     if task is not None and task.uncancel() <= self._cancelling:
-                        raise self._timeout() from None  # the timer's cancel, not the caller's
+                        raise self._ended or RequestTimeout() from None  # ours, not the caller's
                     raise
                 finally:
                     self._waiter = None
@@ -227,20 +234,20 @@ class Completion:
                         first_token_at=self.first_token_at,
                     )
 
-    def expire(self, because: str | None = None) -> None:
-        """End the generation with 408/3007 now (the request timeout fired, or `because`):
-        interrupt the wait for the engine if one is pending, else fail the next read."""
-        if self._expired:
+    def expire(self) -> None:
+        """The request timeout fired: end the generation with 408/3007."""
+        self.end(RequestTimeout())
+
+    def end(self, error: BatchserveError) -> None:
+        """End the generation now with `error`: interrupt the wait for the engine if one
+        is pending, else fail the next read. Later calls change nothing."""
+        if self._ended is not None:
             return
-        self._expired, self._expired_because = True, because
+        self._ended = error
         waiter = self._waiter
         if waiter is not None:
             self._expired_task, self._cancelling = waiter, waiter.cancelling()
             waiter.cancel()
-
-    def _timeout(self) -> RequestTimeout:
-        because = self._expired_because
-        return RequestTimeout() if because is None else RequestTimeout(f"AiError: {because}")
 
     def _submit(self, record: RequestRecord, metrics: GatewayMetrics) -> None:
         now = time.monotonic()
@@ -312,8 +319,10 @@ class CompletionService:
         self.retry_after_s = retry_after_s
         self.inflight = 0
         self.started_total = 0
-        # Generations iterating their deltas now (`check_health` may end them).
+        # Generations iterating their deltas now (`check_health`, `close` may end them).
         self.running: set[Completion] = set()
+        # Set by `close`: the error every later generation fails with at once.
+        self.closing: Callable[[], BatchserveError] | None = None
 
     async def check_health(self) -> None:
         """The engine's health check (Serve's, through the replica). A stalled engine also
@@ -323,12 +332,23 @@ class CompletionService:
         try:
             await self.engine.check_health()
         except EngineStalled as exc:
-            because = (
-                f"Request timeout: the inference engine made no progress for {exc.stalled_s:.0f} s"
+            message = (
+                "AiError: Request timeout: the inference engine made no progress "
+                f"for {exc.stalled_s:.0f} s"
             )
-            for completion in list(self.running):
-                completion.expire(because)
+            self.end_running(lambda: RequestTimeout(message))
             raise
+
+    def end_running(self, error: Callable[[], BatchserveError]) -> None:
+        """End every running generation now with an `error()` of its own."""
+        for completion in list(self.running):
+            completion.end(error())
+
+    def close(self, error: Callable[[], BatchserveError]) -> None:
+        """The replica is about to stop: end the running generations with `error()`, and
+        every generation admitted later at its start."""
+        self.closing = error
+        self.end_running(error)
 
     def prepare(
         self,

@@ -248,17 +248,24 @@ async def health_checks(app: Any, engine: FakeEngine, until: asyncio.Future[Any]
             await completions.check_health()
 
 
-async def test_a_stalled_engine_ends_both_dialects_with_408_before_the_request_timeout(
-    settings: Settings,
-) -> None:
-    engine = stalls_after_first_token()
-    app = build_gateway(settings.model_copy(update={"request_timeout_s": 3600}), engine)
+@contextlib.asynccontextmanager
+async def both_dialects(app: Any) -> AsyncIterator[asyncio.Future[list[httpx.Response]]]:
+    """A Workers AI stream and a plain OpenAI chat completion sent to `app` at once:
+    their responses, streamed one read in full, when both are done."""
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
         stream = client.post(RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True})
         plain = client.post("/v1/chat/completions", headers=AUTH, json=chat)
-        both = asyncio.ensure_future(asyncio.gather(stream, plain))
+        yield asyncio.ensure_future(asyncio.gather(stream, plain))
+
+
+async def test_a_stalled_engine_ends_both_dialects_with_408_before_the_request_timeout(
+    settings: Settings,
+) -> None:
+    engine = stalls_after_first_token()
+    app = build_gateway(settings.model_copy(update={"request_timeout_s": 3600}), engine)
+    async with both_dialects(app) as both:
         await health_checks(app, engine, both)
         streamed, answered = await both
     events = [json.loads(d) for d in sse_data(streamed.text)[:-1]]

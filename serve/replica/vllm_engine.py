@@ -50,6 +50,13 @@ class VllmEngine:
     ) -> None:
         # vllm reads this at engine start; it only matters for the CPU backend.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+        # vLLM's own logging setup (`dictConfig`) closes every handler of the process. In a
+        # Serve replica that includes the `ray.serve` logger's MemoryHandler: once it has
+        # lost its target it keeps every record (Serve logs one per request, 429s too:
+        # about 2 KB a request, never freed) and writes none. vLLM's loggers then go
+        # through the root logger, as every other library's do. Set in the environment so
+        # the engine's own processes inherit it.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -3,14 +3,17 @@ aborts on disconnect, and traffic spread over both replicas."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
-from tests.cluster.conftest import Cluster
+from tests.cluster.conftest import ACCOUNT, MODEL, Cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -172,3 +175,38 @@ def test_schema_legal_extremes_reach_the_engine(
 def test_seeded_sampling_is_reproducible(cluster: Cluster) -> None:
     body = {"prompt": "Tell me a story.", "max_tokens": 16, "temperature": 1.0, "seed": 42}
     assert run(cluster, body)["response"] == run(cluster, body)["response"]
+
+
+def serve_replica_logs(cluster: Cluster) -> dict[int, list[Path]]:
+    """The Serve log files each replica actor process has open (pid -> paths)."""
+    logs: dict[int, list[Path]] = {}
+    for proc in psutil.Process(cluster.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "ServeReplica:" in " ".join(proc.cmdline()):
+                files = [Path(f.path) for f in proc.open_files()]
+                logs[proc.pid] = [f for f in files if f.name.startswith("replica_")]
+    return logs
+
+
+def test_serve_keeps_writing_each_replicas_log(cluster: Cluster) -> None:
+    """Serve logs one line per request to the replica's log file, through a MemoryHandler.
+    vLLM's logging setup used to close that handler at engine start: from then on it kept
+    every record in memory (about 2 KB a request, never freed; the replica actor grew
+    5-6 MB per 10x burst) and the file got none. Each replica must still have its log open
+    and see the requests it serves."""
+    before = serve_replica_logs(cluster)
+    assert len(before) == 2 and all(len(paths) == 1 for paths in before.values()), before
+    sizes = {pid: paths[0].stat().st_size for pid, paths in before.items()}
+    for url in cluster.replica_urls:
+        for _ in range(3):
+            r = httpx.post(
+                f"{url}/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}",
+                headers=cluster.auth,
+                json={"prompt": "hi", "max_tokens": 2},
+                timeout=60,
+            )
+            assert r.status_code == 200
+    time.sleep(1)
+    for pid, paths in before.items():
+        tail = paths[0].read_bytes()[sizes[pid] :].decode(errors="replace")
+        assert tail.count("POST /client/v4/accounts/") >= 3, (pid, tail[-500:])

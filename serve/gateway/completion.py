@@ -153,7 +153,7 @@ class Completion:
     # the error the generation ends with: the timeout's, or an earlier one (`end`).
     _waiter: asyncio.Task[Any] | None = field(default=None, repr=False)
     _ended: BatchserveError | None = field(default=None, repr=False)
-    _expired_task: asyncio.Task[Any] | None = field(default=None, repr=False)
+    _ending_task: asyncio.Task[Any] | None = field(default=None, repr=False)
     _cancelling: int = field(default=0, repr=False)
 
     @property
@@ -190,7 +190,7 @@ class Completion:
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    task = self._expired_task
+                    task = self._ending_task
                     if task is not None and task.uncancel() <= self._cancelling:
                         raise self._ended or RequestTimeout() from None  # ours, not the caller's
                     raise
@@ -246,7 +246,7 @@ class Completion:
         self._ended = error
         waiter = self._waiter
         if waiter is not None:
-            self._expired_task, self._cancelling = waiter, waiter.cancelling()
+            self._ending_task, self._cancelling = waiter, waiter.cancelling()
             waiter.cancel()
 
     def _submit(self, record: RequestRecord, metrics: GatewayMetrics) -> None:

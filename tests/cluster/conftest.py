@@ -3,6 +3,7 @@ started once through the CLI, on the tiny Qwen2 checkpoint."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -176,3 +177,13 @@ def cluster(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     env = {"BATCHSERVE_NON_STREAM_MAX_TOKENS": "64"}
     with running_cluster(tiny_qwen2_dir, tmp_path_factory.mktemp("cluster"), env=env) as c:
         yield c
+
+
+def replica_actors(cluster: Cluster) -> set[int]:
+    """Every Serve replica actor process, ready or still starting."""
+    found = set()
+    for proc in psutil.Process(cluster.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "ServeReplica:" in " ".join(proc.cmdline()):
+                found.add(proc.pid)
+    return found

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster.conftest import ACCOUNT, MODEL, TOKEN, Cluster, running_cluster
+from tests.cluster.conftest import ACCOUNT, MODEL, TOKEN, Cluster, replica_actors, running_cluster
 
 pytestmark = pytest.mark.cluster
 
@@ -114,16 +114,6 @@ def replica_processes(cluster: Cluster) -> list[Replica]:
                 found.append(
                     Replica(proc.pid, f"http://127.0.0.1:{listening[0]}", cores[0], engine)
                 )
-    return found
-
-
-def replica_actors(cluster: Cluster) -> set[int]:
-    """Every Serve replica actor process, ready or still starting."""
-    found = set()
-    for proc in psutil.Process(cluster.pid).children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "ServeReplica:" in " ".join(proc.cmdline()):
-                found.add(proc.pid)
     return found
 
 

@@ -178,13 +178,17 @@ def cmd_up(ns: argparse.Namespace) -> int:
     from serve.cluster import LocalCluster
 
     stop = threading.Event()
-    started = threading.Event()
     rollout = threading.Event()
+    # While set, a signal interrupts what the main thread is doing (the start-up, the
+    # drain) once; otherwise it asks the main loop to stop.
+    interruptible = threading.Event()
+    interruptible.set()
 
     def on_signal(signum: int, _frame: object) -> None:
         stop.set()
-        if not started.is_set():
-            raise KeyboardInterrupt  # interrupt a start-up still in progress
+        if interruptible.is_set():
+            interruptible.clear()
+            raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -199,7 +203,10 @@ def cmd_up(ns: argparse.Namespace) -> int:
     cluster = LocalCluster(settings)
     try:
         cluster.start()
-        started.set()
+        # ray.init installed its own SIGTERM handler (a stack dump, then the default
+        # action: this process dies, and HAProxy and the replicas with it): ours again.
+        signal.signal(signal.SIGTERM, on_signal)
+        interruptible.clear()
         ready = _wait_ready(f"http://{settings.host}:{settings.port}/healthz", 900, stop)
         if not ready:
             if not stop.is_set():
@@ -211,6 +218,15 @@ def cmd_up(ns: argparse.Namespace) -> int:
             if rollout.is_set():
                 rollout.clear()
                 _start_rollout(cluster)
+        budget = settings.graceful_shutdown_timeout_s
+        print(
+            f"stopping batchserve: draining the replicas (up to {budget:g} s; "
+            "press Ctrl-C again to stop at once) ...",
+            flush=True,
+        )
+        interruptible.set()
+        cluster.drain()
+        interruptible.clear()
         print("stopping batchserve ...", flush=True)
         return 0
     except KeyboardInterrupt:

@@ -22,6 +22,7 @@ from serve.gateway.auth import Authenticator
 from serve.gateway.completion import Budget, CompletionService
 from serve.gateway.context import GatewayContext
 from serve.gateway.fair_queue import FairQueue
+from serve.gateway.header_deadline import install as install_header_deadline
 from serve.gateway.ledger import UsageLedger
 from serve.gateway.ledger_liveness import LivenessTimers
 from serve.gateway.observer import Observability
@@ -177,6 +178,9 @@ def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
         otlp_traces_endpoint=settings.otel_traces_endpoint,
     )
     log_to_stderr(logging.getLogger(ACCESS_LOGGER))  # one JSON line per request
+    # Serve starts the replica's own HTTP server after this constructor: give it a
+    # deadline for request headers, which uvicorn lacks (slowloris without HAProxy).
+    install_header_deadline(settings.http_request_timeout_s)
     # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry
     # of this process; the replica's /metrics serves them beside the gateway's.
     app = build_gateway(
@@ -239,6 +243,17 @@ class LocalCluster:
         from ray import serve as rayserve
 
         rayserve.run(build_application(self.settings), name=self.APP_NAME, route_prefix="/")
+
+    def drain(self) -> None:
+        """Delete the application, as a rolling restart retires a replica: each replica
+        stops passing its health check (HAProxy, still running, sends it nothing new),
+        serves its requests for up to graceful_shutdown_timeout_s (ending those still
+        running just before with an error event, serve/replica/drain.py) and stops.
+        Returns once all have stopped. `stop` right away would kill HAProxy with Serve's
+        proxies and cut every stream it carries."""
+        from ray import serve as rayserve
+
+        rayserve.delete(self.APP_NAME)
 
     def stop(self) -> None:
         """Stop Serve and Ray, then anything they left behind (engine processes)."""

@@ -224,6 +224,18 @@ class BodyTimeout(RequestTimeout):
         )
 
 
+class HeaderTimeout(RequestTimeout):
+    """The client did not send its request headers in time (slowloris)."""
+
+    gateway_layer = True
+    close_connection = True
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(
+            f"AiError: Request timeout: the request headers took longer than {timeout_s:g} s"
+        )
+
+
 class EngineFailure(BatchserveError):
     status = 500
     code = 3008

@@ -27,7 +27,15 @@ The lines added:
   over a connection HAProxy reused, HAProxy answers with no response at all (a bare close,
   so the client retries), not the 502 page; with `safe`, only a request that came on a
   reused client connection can meet that, and HTTP requires such a client to expect a close
-  (RFC 9112 9.3.1). The cost: one local TCP connect per new client connection.
+  (RFC 9112 9.3.1). The cost: one local TCP connect per new client connection;
+- the 503 page instead of Serve's `text/plain` 404 ("Path '...' not found") for a path
+  that matches no application: batchserve's one application is at `/`, so that happens
+  only while it is not deployed (starting up, or deleted while `batchserve up` drains
+  before it stops), and the client should retry, not read "not found". Three places
+  answer it: HAProxy's `default_backend` (its line is replaced), and Serve's fallback
+  proxy and a replica whose application is gone, reached through an app's backend (a
+  rule in `http_frontend` turns their `text/plain` 404 into the page; the gateway's own
+  404s are JSON and pass).
 
 A marker comment added with the lines keeps a config from being edited twice (Ray
 re-renders the whole file before every start or reload).
@@ -50,6 +58,11 @@ from serve.ingress_errors import errorfile_lines, pages_dir, write_error_pages
 MARKER = "# batchserve haproxy wrapper"
 # Added to the `defaults` section with the lines: the config was already edited.
 CONFIG_MARKER = "# batchserve: slow-client limits and JSON error pages (serve/ingress.py)"
+# Serve's "not found" from a replica or its fallback proxy: the application is not deployed.
+NOT_DEPLOYED_RULE = (
+    "http-response return status 503 default-errorfiles"
+    " if { status 404 } { res.hdr(content-type) -m beg text/plain }"
+)
 
 
 def real_haproxy_binary() -> str:
@@ -87,11 +100,15 @@ def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[in
         *errorfile_lines(pages),
     ]
     # GNU sed: Ray's errorfile lines go, its backends' `http-reuse always` becomes `safe`,
-    # then one `a` command per added line, appended in this order after `defaults`.
+    # its 404 for a path no application serves becomes the 503 page, then one `a` command
+    # per added line, appended in this order after `defaults`.
     edits = [
         "/^ *errorfile /d",
         r"s/^\( *\)http-reuse always$/\1http-reuse safe/",
+        r"s/^\( *\)http-request return status 404 .*not found.*$/\1"
+        "http-request return status 503 default-errorfiles/",
         *(f"/^defaults$/a\\    {line}" for line in lines),
+        f"/^frontend http_frontend$/a\\    {NOT_DEPLOYED_RULE}",
     ]
     sed_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
     return f"""#!/bin/sh

@@ -152,9 +152,10 @@ class Settings(BaseSettings):
     # Slow clients: a request body not fully received this long after the handler starts
     # reading it is answered 408/3007 (HAProxy's `timeout http-request` covers headers).
     body_timeout_s: float = Field(default=60.0, gt=0)
-    # The ingress (Serve's HAProxy): request headers not complete within this many
-    # seconds close the connection (`timeout http-request`; slowloris). `batchserve up`
-    # applies it; see serve/ingress.py.
+    # Request headers not complete within this many seconds close the connection
+    # (slowloris): at the ingress (HAProxy's `timeout http-request`, which `batchserve up`
+    # and the images apply; serve/ingress.py) and on each replica's own port, with
+    # 408/3007 (serve/gateway/header_deadline.py).
     http_request_timeout_s: int = Field(default=10, ge=1)
     # KV cache for vLLM's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1)

@@ -3,6 +3,7 @@ client must really read, stall or go away mid-stream."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -18,11 +19,12 @@ from tests.fakes import FakeEngine
 
 
 @contextmanager
-def serving(app: ASGIApp) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1; yields `host:port`."""
+def serving(app: ASGIApp, http: type[asyncio.Protocol] | str = "auto") -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 (`http`: uvicorn's HTTP protocol); yields `host:port`."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", ws="none"))
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="none", http=http)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:

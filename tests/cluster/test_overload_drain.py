@@ -130,13 +130,13 @@ def trickle(address: tuple[str, int], *, body: bool, give_up_s: float) -> Trickl
 
 def test_trickled_headers_and_body_are_cut_off_by_the_ingress(busy: Cluster) -> None:
     """HAProxy closes both after its `timeout http-request` (3 s here, 10 s by default)
-    with a 408, while a normal request is served meanwhile."""
+    with a 408, while a normal request is served meanwhile; so does a replica's own port
+    for trickled headers (serve/gateway/header_deadline.py)."""
     ingress = _address(busy.url)
     with ThreadPoolExecutor(3) as pool:
         headers = pool.submit(trickle, ingress, body=False, give_up_s=30)
         body = pool.submit(trickle, ingress, body=True, give_up_s=30)
-        # The replica's own uvicorn (its direct-ingress port) has no such timeout.
-        direct = pool.submit(trickle, _address(busy.replica_urls[0]), body=False, give_up_s=5)
+        direct = pool.submit(trickle, _address(busy.replica_urls[0]), body=False, give_up_s=30)
         time.sleep(1)
         normal = httpx.post(
             busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi", "max_tokens": 4}, timeout=30
@@ -150,10 +150,11 @@ def test_trickled_headers_and_body_are_cut_off_by_the_ingress(busy: Cluster) -> 
         replica_port_closed_after_s=uvicorn_alone.closed_after,
     )
     assert normal.status_code == 200, normal.text
-    for cut in (cut_headers, cut_body):
+    for cut in (cut_headers, cut_body, uvicorn_alone):
         assert cut.received.startswith(b"HTTP/1.1 408"), cut.received[:200]
         assert cut.closed_after is not None
         assert HTTP_REQUEST_TIMEOUT_S - 1 <= cut.closed_after <= HTTP_REQUEST_TIMEOUT_S + 2
+    assert b'"code":3007' in uvicorn_alone.received  # the gateway's envelope
 
 
 # -- a burst of 10x capacity -----------------------------------------------------------
@@ -547,7 +548,8 @@ def record_burst(
 
 def record_slowloris(cluster: Cluster, n: int = 200) -> dict[str, Any]:
     """`n` clients trickling headers at HAProxy (its default 10 s timeout) while 8 normal
-    streams run; and 20 trickling straight at a replica's own port."""
+    streams run; and 20 trickling headers straight at a replica's own port (the gateway's
+    header deadline, the same 10 s)."""
 
     async def normal(seconds: float) -> list[Stream]:
         load = Load()
@@ -569,12 +571,13 @@ def record_slowloris(cluster: Cluster, n: int = 200) -> dict[str, Any]:
     ingress, replica = _address(cluster.url), _address(cluster.replica_urls[0])
     with ThreadPoolExecutor(n + 20) as pool:
         cut = [pool.submit(trickle, ingress, body=i % 2 == 1, give_up_s=40) for i in range(n)]
-        direct = [pool.submit(trickle, replica, body=False, give_up_s=20) for _ in range(20)]
+        direct = [pool.submit(trickle, replica, body=False, give_up_s=40) for _ in range(20)]
         time.sleep(1)
         during = asyncio.run(normal(10))
         closed = [f.result().closed_after for f in cut]
-        direct_closed = [f.result().closed_after for f in direct]
+        direct_cut = [f.result() for f in direct]
     times = [c for c in closed if c is not None]
+    direct_times = [t.closed_after for t in direct_cut if t.closed_after is not None]
     return {
         "trickling_clients": n,
         "closed_by_haproxy": len(times),
@@ -586,7 +589,15 @@ def record_slowloris(cluster: Cluster, n: int = 200) -> dict[str, Any]:
             "failed": sum(not s.completed for s in during),
             "ttft_ms": ttft_ms(during),
         },
-        "replica_port_trickles_still_open_after_20s": sum(c is None for c in direct_closed),
+        "replica_port": {
+            "trickling_clients": len(direct_cut),
+            "closed": len(direct_times),
+            "closed_after_s": {
+                "min": round(min(direct_times), 2) if direct_times else None,
+                "max": round(max(direct_times), 2) if direct_times else None,
+            },
+            "answered_408": sum(t.received.startswith(b"HTTP/1.1 408") for t in direct_cut),
+        },
     }
 
 

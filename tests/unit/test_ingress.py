@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from serve.cli import _use_haproxy_wrapper
-from serve.ingress import CONFIG_MARKER, is_wrapper, real_haproxy_binary, write_haproxy_wrapper
+from serve.ingress import (
+    CONFIG_MARKER,
+    NOT_DEPLOYED_RULE,
+    is_wrapper,
+    real_haproxy_binary,
+    write_haproxy_wrapper,
+)
 from serve.ingress_errors import pages_dir
 from serve.settings import Settings
 from tests.ports import free_port
@@ -104,8 +110,12 @@ def test_wrapper_adds_its_lines_once_and_passes_every_argument(tmp_path: Path) -
     assert lines[at + 1 : at + 1 + len(added)] == added
     assert sum("timeout http-request" in line for line in lines) == 1
     # Ray's own errorfile lines are gone: ours are the only ones, so no order matters.
-    assert [line for line in lines if "errorfile" in line] == added[3:]
+    assert [line for line in lines if line.split()[0] == "errorfile"] == added[3:]
     assert lines[at + 1 + len(added)] == "    mode http"  # the rest untouched
+    # Serve's text/plain "not found" becomes the 503 page, once.
+    front = lines.index("frontend http_frontend")
+    assert lines[front + 1] == f"    {NOT_DEPLOYED_RULE}"
+    assert sum(NOT_DEPLOYED_RULE in line for line in lines) == 1
     assert lines[-1] == "    server s1 127.0.0.1:1"
     assert sorted(p.name for p in pages.iterdir()) == [f"{s}.http" for s in STATUSES]
 
@@ -121,6 +131,9 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     assert [line.strip() for line in rendered.splitlines() if "http-reuse" in line] == [
         "http-reuse always"
     ]
+    # ... and one 404 for a path no application serves (made the 503 page).
+    not_found = [line.strip() for line in rendered.splitlines() if "return status 404" in line]
+    assert len(not_found) == 1 and "not found" in not_found[0], not_found
     ray_pages = [line for line in rendered.splitlines() if "errorfile" in line]
     assert [line.split()[:2] for line in ray_pages] == [
         ["errorfile", "502"],
@@ -135,8 +148,13 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     assert [line.strip() for line in text.splitlines() if "http-reuse" in line] == [
         "http-reuse safe"
     ]
-    ours = [line.strip() for line in text.splitlines() if "errorfile" in line]
+    ours = [line.strip() for line in text.splitlines() if line.split()[:1] == ["errorfile"]]
     assert ours == [f'errorfile {s} "{pages_dir(wrapper) / f"{s}.http"}"' for s in STATUSES]
+    assert "return status 404" not in text
+    assert [line.strip() for line in text.splitlines() if "default-errorfiles" in line] == [
+        NOT_DEPLOYED_RULE,
+        "http-request return status 503 default-errorfiles",
+    ]
 
 
 def test_error_pages_refuse_a_path_haproxy_would_misread(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,16 @@ def test_each_page_is_one_http_response_with_both_envelopes(tmp_path: Path) -> N
 # -- a real HAProxy -------------------------------------------------------------------------
 
 
+NOT_FOUND_TEXT = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 14\r\nConnection: close\r\n\r\nPath not found"
+)
+NOT_FOUND_JSON = (
+    b"HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\n"
+    b'content-length: 13\r\nConnection: close\r\n\r\n{"errors":[]}'
+)
+
+
 class _Replica(socketserver.BaseRequestHandler):
     """Answers 200 to anything (health checks included), except a request whose path
     contains /dies: it reads it, waits a little (the request is in flight) and closes the
@@ -149,6 +160,12 @@ class _Replica(socketserver.BaseRequestHandler):
                 if b"/rst" in target:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 return
+            if b"/serve-404" in target:  # a replica or proxy of Serve's with no app
+                sock.sendall(NOT_FOUND_TEXT)
+                return
+            if b"/gateway-404" in target:  # the gateway's own 404 (a route it lacks)
+                sock.sendall(NOT_FOUND_JSON)
+                return
             kept = target.startswith(b"/kept")
             sock.sendall(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n"
@@ -170,24 +187,12 @@ class Ingress:
     port: int
 
 
-@pytest.fixture(scope="module")
-def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
+@contextmanager
+def haproxy(work: Path, apps: dict[str, tuple[str, int]]) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
-    with three apps: `/` and `/kept` on the same live replica (two backends, so two pools
-    of idle connections), `/gone` on a port nobody listens on."""
-    work = tmp_path_factory.mktemp("haproxy")
-    replica = _Server(("127.0.0.1", 0), _Replica)
-    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    with these apps (path prefix -> (name, replica port))."""
     port = free_port()
-    cfg = ray_haproxy_config(
-        work,
-        port,
-        {
-            "/": ("live", replica.server_address[1]),
-            "/kept": ("kept", replica.server_address[1]),
-            "/gone": ("gone", free_port()),
-        },
-    )
+    cfg = ray_haproxy_config(work, port, apps)
     wrapper = write_haproxy_wrapper(
         work / "bin" / "haproxy", HTTP_REQUEST_TIMEOUT_S, real_haproxy_binary()
     )
@@ -198,7 +203,8 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
         while True:
             assert proc.poll() is None, (work / "haproxy.log").read_text()
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=1).status_code == 200:
+                r = httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=1)
+                if r.status_code == 200 or not apps:  # with no apps it never passes
                     break
             except httpx.TransportError:
                 pass
@@ -209,6 +215,23 @@ def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
         proc.terminate()
         proc.wait(10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def ingress(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ingress]:
+    """Three apps: `/` and `/kept` on the same live replica (two backends, so two pools of
+    idle connections), `/gone` on a port nobody listens on."""
+    replica = _Server(("127.0.0.1", 0), _Replica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    apps = {
+        "/": ("live", replica.server_address[1]),
+        "/kept": ("kept", replica.server_address[1]),
+        "/gone": ("gone", free_port()),
+    }
+    try:
+        with haproxy(tmp_path_factory.mktemp("haproxy"), apps) as running:
+            yield running
+    finally:
         replica.shutdown()
         replica.server_close()
 
@@ -235,6 +258,27 @@ def test_no_replica_to_connect_to_is_a_json_503(ingress: Ingress) -> None:
     r = httpx.post(f"{ingress.url}/gone/v1/chat/completions", json={}, timeout=10)
     assert_json_error(r, 503)
     assert time.monotonic() - started < 5  # at most HAProxy's 3 retries, 1 s apart
+
+
+def test_no_application_deployed_is_a_json_503(tmp_path: Path) -> None:
+    """Starting up, or `batchserve up` draining before it stops (its application deleted):
+    Ray's config then sends every path to a backend that answered `text/plain` 404."""
+    with haproxy(tmp_path, {}) as bare:
+        for path in ("/client/v4/accounts/a/ai/run/@cf/qwen/qwen1.5-1.8b-chat", "/v1/models"):
+            r = httpx.post(bare.url + path, json={"prompt": "hi"}, timeout=10)
+            message = assert_json_error(r, 503)
+            assert message == "AiError: No replica is available to serve this request, please retry"
+        routes = httpx.get(bare.url + "/-/routes", timeout=10)  # Ray's own rule, untouched
+        assert routes.headers["content-type"] != "application/json", routes.text
+
+
+def test_serves_text_404_is_the_503_page_but_the_gateways_404_passes(ingress: Ingress) -> None:
+    """A replica whose application was deleted, or Serve's fallback proxy, answers a
+    `text/plain` 404 "Path ... not found"; the gateway's own 404 is JSON and passes."""
+    r = httpx.post(f"{ingress.url}/serve-404", json={}, timeout=10)
+    assert_json_error(r, 503)
+    r = httpx.post(f"{ingress.url}/gateway-404", json={}, timeout=10)
+    assert r.status_code == 404 and r.json() == {"errors": []}
 
 
 def read_until_closed(sock: socket.socket) -> tuple[bytes, float]:

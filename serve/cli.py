@@ -203,8 +203,8 @@ def cmd_up(ns: argparse.Namespace) -> int:
     cluster = LocalCluster(settings)
     try:
         cluster.start()
-        # ray.init installed its own SIGTERM handler (a stack dump, then the default
-        # action: this process dies, and HAProxy and the replicas with it): ours again.
+        # ray.init installed Ray's own SIGTERM handling, which ends this process at once
+        # (HAProxy and the replicas go with it, cutting every stream): ours again.
         signal.signal(signal.SIGTERM, on_signal)
         interruptible.clear()
         ready = _wait_ready(f"http://{settings.host}:{settings.port}/healthz", 900, stop)
@@ -225,14 +225,19 @@ def cmd_up(ns: argparse.Namespace) -> int:
             flush=True,
         )
         interruptible.set()
-        cluster.drain()
-        interruptible.clear()
+        try:
+            drained = cluster.drain()
+        finally:
+            interruptible.clear()
+        if not drained:
+            print("the replicas did not stop in time; stopping them", file=sys.stderr)
         print("stopping batchserve ...", flush=True)
         return 0
     except KeyboardInterrupt:
         print("interrupted, stopping batchserve ...", flush=True)
         return 130
     finally:
+        interruptible.clear()  # nothing interrupts the stop itself
         cluster.stop()
 
 

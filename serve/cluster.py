@@ -213,6 +213,12 @@ def build_application(args: dict[str, Any] | Settings | None = None) -> Any:
     return gateway_deployment(settings).bind(settings.model_dump(mode="json"), compose_replica)
 
 
+# A drain may take this long beyond graceful_shutdown_timeout_s: Serve's minimum draining
+# period (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 2 s under `up`) and stopping
+# the replica actors.
+DRAIN_MARGIN_S = 30.0
+
+
 class LocalCluster:
     """A Ray head in this process with the application deployed (`batchserve up`)."""
 
@@ -244,16 +250,26 @@ class LocalCluster:
 
         rayserve.run(build_application(self.settings), name=self.APP_NAME, route_prefix="/")
 
-    def drain(self) -> None:
+    def drain(self) -> bool:
         """Delete the application, as a rolling restart retires a replica: each replica
         stops passing its health check (HAProxy, still running, sends it nothing new),
         serves its requests for up to graceful_shutdown_timeout_s (ending those still
         running just before with an error event, serve/replica/drain.py) and stops.
-        Returns once all have stopped. `stop` right away would kill HAProxy with Serve's
+        Returns once all have stopped (True), or False when that took longer than the
+        budget plus DRAIN_MARGIN_S. `stop` right away would kill HAProxy with Serve's
         proxies and cut every stream it carries."""
+        import time
+
         from ray import serve as rayserve
 
-        rayserve.delete(self.APP_NAME)
+        # Not Serve's blocking delete: it gives up after a fixed 60 s, with an exception.
+        rayserve.delete(self.APP_NAME, _blocking=False)
+        deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
+        while time.monotonic() < deadline:
+            if self.APP_NAME not in rayserve.status().applications:
+                return True
+            time.sleep(0.5)
+        return False
 
     def stop(self) -> None:
         """Stop Serve and Ray, then anything they left behind (engine processes)."""

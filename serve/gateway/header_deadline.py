@@ -9,15 +9,17 @@ direct-ingress port is reachable without HAProxy, and Serve starts that server i
 with no knob for a timeout.
 
 `HeaderDeadlineProtocol` is uvicorn's httptools protocol with one timer: armed when a
-connection opens and when a further request on it begins, disarmed when that request's
-headers are complete. When it fires the client gets 408/3007 in the envelope of both
-dialects and the connection is closed. A pipelined request that trickles while the
-previous response is still being written only makes the connection close after that
-response. The request body is the gateway's to time (`body_timeout_s`, serve/gateway/body.py).
+connection opens and when bytes arrive after a complete response (a further request, or
+bytes that start none), disarmed when a request's headers are complete. When it fires the
+client gets 408/3007 in the envelope of both dialects and the connection is closed. A
+pipelined request that trickles while the previous response is still being written only
+makes the connection close after that response. The request body is the gateway's to
+time (`body_timeout_s`, serve/gateway/body.py).
 
 `install` makes it the protocol of every uvicorn server this process starts afterwards,
 which is how a replica gets it into the server Serve builds (after the replica's
-constructor ran). Nothing is added per byte: one timer per request, on the event loop.
+constructor ran). The cost: one timer per request on the event loop, and two attribute
+checks per chunk of bytes received.
 """
 
 from __future__ import annotations
@@ -47,6 +49,14 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # Bytes after a complete response: a next request begins, or bytes no request
+        # starts with (CRLFs between requests, the rest of a body the app never read),
+        # which would otherwise cancel the keep-alive timer for ever.
+        if self._deadline is None and self.cycle is not None and self.cycle.response_complete:
+            self._arm()
+        super().data_received(data)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -100,11 +100,13 @@ def test_sigterm_drains_the_replicas_then_stops(
     assert GRACEFUL_SHUTDOWN_S - 3 <= long.ended_at <= GRACEFUL_SHUTDOWN_S + 1, long.ended_at
     # New requests: served until the drain began, then refused with 503/3040 in JSON
     # (the gateway's, or HAProxy's page once no application is deployed), until HAProxy
-    # itself stopped (connection refused).
+    # itself stopped after the drain: connection refused, or a bare close for a request
+    # HAProxy held on a kept-alive connection as it was stopped.
     refused = 0
     for at, status, body in stopped.probes:
         if isinstance(status, str):
-            assert status == "ConnectError", (at, status)
+            assert at >= long.ended_at - 0.5, (at, status)  # only once the drain was over
+            assert status in ("ConnectError", "RemoteProtocolError"), (at, status)
             continue
         assert status in (200, 503), (at, status, body)
         if status == 503:

@@ -112,6 +112,33 @@ def test_keep_alive_idle_then_a_trickled_second_request(address: tuple[str, int]
     _assert_408(third)
 
 
+@pytest.mark.parametrize("trickle", [b"\r\n", b"x"], ids=["crlf", "unread-body"])
+def test_bytes_after_a_response_that_start_no_request(
+    address: tuple[str, int], trickle: bytes
+) -> None:
+    """CRLFs between requests, or the rest of a body the app never read (a huge
+    Content-Length on a request answered at once), start no request and would hold the
+    connection past the keep-alive timeout."""
+    with socket.create_connection(address, timeout=5) as sock:
+        length = 2 if trickle == b"\r\n" else 1_000_000_000
+        sock.sendall(
+            f"GET /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n".encode()
+        )
+        first, _ = _read_until_closed(sock, 0.5)
+        assert first.startswith(b"HTTP/1.1 200"), first[:200]
+        start, closed_after, received = time.monotonic(), None, b""
+        while time.monotonic() - start < 5 and closed_after is None:
+            try:
+                sock.sendall(trickle)
+            except OSError:
+                break
+            part, closed = _read_until_closed(sock, 0.2)
+            received += part
+            closed_after = None if closed is None else time.monotonic() - start
+    assert closed_after is not None and closed_after <= DEADLINE_S + 1.0, closed_after
+    _assert_408(received)
+
+
 def test_a_stream_longer_than_the_deadline_is_not_cut(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:

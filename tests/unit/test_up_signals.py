@@ -1,0 +1,118 @@
+"""How `batchserve up` answers signals once it serves (serve/cli.py `cmd_up`), with a fake
+cluster in place of Ray: the first SIGTERM or SIGINT drains, then stops; a second one during
+the drain stops at once; a drain that runs out of time still ends in a stop; nothing
+interrupts the stop itself. The real drain runs in tests/cluster/test_shutdown.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+
+from serve import cli
+from serve import cluster as cluster_module
+from serve.settings import Settings
+from tests.gateway.conftest import gateway_settings
+
+
+def _signal_soon(signum: int, after_s: float = 0.2) -> None:
+    threading.Timer(after_s, os.kill, (os.getpid(), signum)).start()
+
+
+class FakeCluster:
+    """Records what `cmd_up` asked of it; `on_drain` / `on_stop` run inside those calls."""
+
+    instances: ClassVar[list[FakeCluster]] = []
+    on_start: Callable[[], None] = staticmethod(lambda: _signal_soon(signal.SIGTERM))
+    on_drain: Callable[[], bool] = staticmethod(lambda: True)
+    on_stop: Callable[[], None] = staticmethod(lambda: None)
+
+    def __init__(self, settings: Settings) -> None:
+        self.calls: list[str] = []
+        FakeCluster.instances.append(self)
+
+    def start(self) -> None:
+        self.calls.append("start")
+        type(self).on_start()
+
+    def drain(self) -> bool:
+        self.calls.append("drain")
+        drained = type(self).on_drain()
+        self.calls.append("drained")
+        return drained
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+        type(self).on_stop()
+        self.calls.append("stopped")
+
+
+@pytest.fixture
+def up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[], int]]:
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # cmd_up sets Ray's variables
+    monkeypatch.setattr(cluster_module, "LocalCluster", FakeCluster)
+    monkeypatch.setattr(cli, "_use_haproxy_wrapper", lambda settings: None)
+    monkeypatch.setattr(cli, "_wait_ready", lambda url, timeout_s, stop: True)
+    settings = gateway_settings(cache_dir=str(tmp_path), graceful_shutdown_timeout_s=5)
+    monkeypatch.setattr(cli, "up_settings", lambda ns, base: (settings, "t0ken"))
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    FakeCluster.instances.clear()
+    try:
+        yield lambda: cli.cmd_up(argparse.Namespace())
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_the_first_signal_drains_then_stops(
+    up: Callable[[], int], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert up() == 0
+    assert FakeCluster.instances[0].calls == ["start", "drain", "drained", "stop", "stopped"]
+    out = capsys.readouterr().out
+    assert "draining the replicas (up to 5 s" in out and "stopping batchserve ..." in out
+    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
+
+
+def test_a_second_signal_during_the_drain_stops_at_once(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def slow_drain() -> bool:
+        _signal_soon(signal.SIGINT, 0.1)
+        time.sleep(10)  # interrupted by the second signal
+        return True
+
+    monkeypatch.setattr(FakeCluster, "on_drain", staticmethod(slow_drain))
+    started = time.monotonic()
+    assert up() == 130
+    assert time.monotonic() - started < 5
+    assert FakeCluster.instances[0].calls == ["start", "drain", "stop", "stopped"]
+
+
+def test_a_drain_out_of_time_still_stops(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(FakeCluster, "on_drain", staticmethod(lambda: False))
+    assert up() == 0
+    assert FakeCluster.instances[0].calls[-2:] == ["stop", "stopped"]
+    assert "did not stop in time" in capsys.readouterr().err
+
+
+def test_nothing_interrupts_the_stop(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def stop_under_signals() -> None:
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+
+    monkeypatch.setattr(FakeCluster, "on_stop", staticmethod(stop_under_signals))
+    assert up() == 0
+    assert FakeCluster.instances[0].calls[-2:] == ["stop", "stopped"]

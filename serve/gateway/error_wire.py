@@ -13,6 +13,7 @@ from typing import Any
 from starlette.responses import Response
 
 from serve.errors import BatchserveError, EngineFailure
+from serve.gateway.security_headers import SECURITY_HEADERS
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +107,8 @@ def raw_error_response(err: BatchserveError) -> bytes:
     headers = {
         "Content-Type": "application/json",
         "Content-Length": str(len(payload)),
-        "Cache-Control": "no-cache",
+        # The gateway's standard security headers (Cache-Control: no-store among them).
+        **{name.decode(): value.decode() for name, value in SECURITY_HEADERS},
         **error_headers(err),
         "Connection": "close",
     }

@@ -63,6 +63,7 @@ def _assert_408(received: bytes) -> None:
     head, _, body = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), received[:200]
     assert b"Connection: close" in head
+    assert b"x-content-type-options: nosniff" in head  # the gateway's security headers
     envelope = json.loads(body)
     assert envelope["errors"][0]["code"] == 3007  # Workers AI
     assert envelope["error"]["type"] == "timeout_error"  # OpenAI

@@ -97,7 +97,11 @@ def test_each_page_is_one_http_response_with_both_envelopes(tmp_path: Path) -> N
         assert response.status == status and response.version == 11
         assert response.getheader("Content-Type") == "application/json"
         assert response.getheader("Content-Length") == str(len(body))
-        assert response.getheader("Cache-Control") == "no-cache"
+        # The gateway's security headers, as on every response of the gateway.
+        assert response.getheader("Cache-Control") == "no-store"
+        assert response.getheader("X-Content-Type-Options") == "nosniff"
+        assert response.getheader("X-Frame-Options") == "DENY"
+        assert response.getheader("Referrer-Policy") == "no-referrer"
         assert response.getheader("Connection") == "close"
         assert response.getheader("Retry-After") == EXPECTED[status][3]
         message = assert_both_envelopes(json.loads(body), status)

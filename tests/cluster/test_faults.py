@@ -94,6 +94,12 @@ def _ports(cluster: Cluster) -> range:
     return range(base, base + PORT_SPAN)
 
 
+def _engine_process(proc: psutil.Process) -> bool:
+    """A vLLM engine process: titled VLLM::…, or not yet/never titled but started by
+    multiprocessing's spawn (the replica actor has no other such children)."""
+    return proc.name().startswith("VLLM::") or "spawn_main" in " ".join(proc.cmdline())
+
+
 def replica_processes(cluster: Cluster) -> list[Replica]:
     """Every replica actor that listens on a direct-ingress port and has an EngineCore."""
     ports = _ports(cluster)
@@ -108,9 +114,12 @@ def replica_processes(cluster: Cluster) -> list[Replica]:
                 if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
             )
             tree = proc.children(recursive=True)
-            cores = [p.pid for p in tree if p.name() == "VLLM::EngineCore"]
+            # vLLM titles its processes (VLLM::EngineCore, VLLM::Worker), but the title is
+            # missing now and then: a direct child of the actor that multiprocessing
+            # spawned is the EngineCore, and its descendants are its workers.
+            cores = [p.pid for p in proc.children() if _engine_process(p)]
             if listening and cores:
-                engine = tuple(p.pid for p in tree if p.name().startswith("VLLM::"))
+                engine = tuple(p.pid for p in tree if _engine_process(p))
                 found.append(
                     Replica(proc.pid, f"http://127.0.0.1:{listening[0]}", cores[0], engine)
                 )

@@ -7,6 +7,7 @@ chart's serveConfigV2 all go through `build_application`.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -258,8 +259,6 @@ class LocalCluster:
         Returns once all have stopped (True), or False when that took longer than the
         budget plus DRAIN_MARGIN_S. `stop` right away would kill HAProxy with Serve's
         proxies and cut every stream it carries."""
-        import time
-
         from ray import serve as rayserve
 
         # Not Serve's blocking delete: it gives up after a fixed 60 s, with an exception.

@@ -212,28 +212,30 @@ class RequestTimeout(BatchserveError):
         super().__init__(message)
 
 
-class BodyTimeout(RequestTimeout):
-    """The client did not send its whole request body in time (a slow or stalled upload)."""
+class SlowClient(RequestTimeout):
+    """The client did not send a part of its request in time; the connection is closed,
+    since the rest of the request was never read."""
 
     gateway_layer = True
     close_connection = True
+    part = "request"
 
     def __init__(self, timeout_s: float) -> None:
         super().__init__(
-            f"AiError: Request timeout: the request body took longer than {timeout_s:g} s"
+            f"AiError: Request timeout: the {self.part} took longer than {timeout_s:g} s"
         )
 
 
-class HeaderTimeout(RequestTimeout):
-    """The client did not send its request headers in time (slowloris)."""
+class BodyTimeout(SlowClient):
+    """The request body did not arrive in time (a slow or stalled upload)."""
 
-    gateway_layer = True
-    close_connection = True
+    part = "request body"
 
-    def __init__(self, timeout_s: float) -> None:
-        super().__init__(
-            f"AiError: Request timeout: the request headers took longer than {timeout_s:g} s"
-        )
+
+class HeaderTimeout(SlowClient):
+    """The request headers did not arrive in time (slowloris)."""
+
+    part = "request headers"
 
 
 class EngineFailure(BatchserveError):

@@ -218,6 +218,9 @@ def build_application(args: dict[str, Any] | Settings | None = None) -> Any:
 # period (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 2 s under `up`) and stopping
 # the replica actors.
 DRAIN_MARGIN_S = 30.0
+# After the drain, what HAProxy still holds is answered at once (the 503 page); this only
+# bounds a request that is slow to send or read its answer.
+INGRESS_STOP_S = 5.0
 
 
 class LocalCluster:
@@ -256,19 +259,31 @@ class LocalCluster:
         stops passing its health check (HAProxy, still running, sends it nothing new),
         serves its requests for up to graceful_shutdown_timeout_s (ending those still
         running just before with an error event, serve/replica/drain.py) and stops.
-        Returns once all have stopped (True), or False when that took longer than the
-        budget plus DRAIN_MARGIN_S. `stop` right away would kill HAProxy with Serve's
-        proxies and cut every stream it carries."""
+        Then HAProxy is soft-stopped. Returns True once all replicas have stopped, or
+        False when that took longer than the budget plus DRAIN_MARGIN_S. `stop` right
+        away would kill HAProxy with Serve's proxies and cut every stream it carries."""
         from ray import serve as rayserve
 
         # Not Serve's blocking delete: it gives up after a fixed 60 s, with an exception.
         rayserve.delete(self.APP_NAME, _blocking=False)
         deadline = time.monotonic() + self.settings.graceful_shutdown_timeout_s + DRAIN_MARGIN_S
-        while time.monotonic() < deadline:
-            if self.APP_NAME not in rayserve.status().applications:
-                return True
-            time.sleep(0.5)
-        return False
+        drained = False
+        while not drained and time.monotonic() < deadline:
+            drained = self.APP_NAME not in rayserve.status().applications
+            if not drained:
+                time.sleep(0.5)
+        self._stop_ingress()
+        return drained
+
+    def _stop_ingress(self) -> None:
+        """Soft-stop HAProxy before Serve's shutdown SIGKILLs it (serve/ingress.py,
+        `soft_stop`): new connections are refused from here on, and what it holds on
+        kept-alive connections is answered, not cut."""
+        import psutil
+
+        from serve.ingress import soft_stop
+
+        soft_stop(psutil.Process().children(recursive=True), INGRESS_STOP_S)
 
     def stop(self) -> None:
         """Stop Serve and Ray, then anything they left behind (engine processes)."""

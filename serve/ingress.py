@@ -37,6 +37,13 @@ The lines added:
   rule in `http_frontend` turns their `text/plain` 404 into the page; the gateway's own
   404s are JSON and pass).
 
+`soft_stop` ends HAProxy the way its own reloads retire a worker (SIGUSR1): it closes its
+listeners at once (a new connection is refused, which any client may retry), answers the
+requests it holds, each with `Connection: close`, and exits when the last one is done.
+`batchserve up` calls it once its replicas have drained, because Serve's shutdown SIGKILLs
+HAProxy: a request HAProxy held on a kept-alive client connection at that moment got no
+response at all.
+
 A marker comment added with the lines keeps a config from being edited twice (Ray
 re-renders the whole file before every start or reload).
 
@@ -51,9 +58,14 @@ import shlex
 import shutil
 import stat
 import sys
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from serve.ingress_errors import errorfile_lines, pages_dir, write_error_pages
+
+if TYPE_CHECKING:
+    import psutil
 
 MARKER = "# batchserve haproxy wrapper"
 # Added to the `defaults` section with the lines: the config was already edited.
@@ -140,6 +152,25 @@ def write_haproxy_wrapper(
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
     os.replace(tmp, path)
     return path
+
+
+def soft_stop(processes: Iterable[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Soft-stop (SIGUSR1) every HAProxy among `processes` and wait up to `timeout_s` for
+    them to finish the requests they hold and exit; return those still running."""
+    import signal
+
+    import psutil
+
+    stopping = []
+    for proc in processes:
+        try:
+            if proc.name() == "haproxy":
+                proc.send_signal(signal.SIGUSR1)
+                stopping.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    _, alive = psutil.wait_procs(stopping, timeout=timeout_s)
+    return alive
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """SIGTERM to `batchserve up` with streams in flight (issue 9's graceful drain): it deletes
 the application first, so HAProxy keeps carrying the streams while the replica drains,
 refuses new requests with 503/3040, ends a stream that outlasts the drain budget with an
-error event, then stops everything it started.
+error event, soft-stops HAProxy, then stops everything it started.
 
 Before, Ray's own SIGTERM handler (installed by `ray.init`) killed the process at once:
 every stream through HAProxy broke within 0.1 s, with no error event.
@@ -100,13 +100,14 @@ def test_sigterm_drains_the_replicas_then_stops(
     assert GRACEFUL_SHUTDOWN_S - 3 <= long.ended_at <= GRACEFUL_SHUTDOWN_S + 1, long.ended_at
     # New requests: served until the drain began, then refused with 503/3040 in JSON
     # (the gateway's, or HAProxy's page once no application is deployed), until HAProxy
-    # itself stopped after the drain: connection refused, or a bare close for a request
-    # HAProxy held on a kept-alive connection as it was stopped.
+    # was soft-stopped after the drain: then connection refused. Never a bare close (a
+    # `RemoteProtocolError`), which a request HAProxy held on a kept-alive connection got
+    # when Serve's shutdown SIGKILLed HAProxy without that soft stop (2 of 4 runs).
     refused = 0
     for at, status, body in stopped.probes:
         if isinstance(status, str):
             assert at >= long.ended_at - 0.5, (at, status)  # only once the drain was over
-            assert status in ("ConnectError", "RemoteProtocolError"), (at, status)
+            assert status == "ConnectError", (at, status)
             continue
         assert status in (200, 503), (at, status, body)
         if status == 503:

@@ -24,10 +24,11 @@ import cloudflare
 import httpx
 import jsonschema
 import openai
+import psutil
 import pytest
 
 from serve.gateway.openapi_doc import OPENAI_ERROR, WORKERS_AI_ERROR
-from serve.ingress import real_haproxy_binary, write_haproxy_wrapper
+from serve.ingress import real_haproxy_binary, soft_stop, write_haproxy_wrapper
 from serve.ingress_errors import MAX_PAGE_BYTES, write_error_pages
 from tests.ports import free_port
 from tests.unit.test_ingress import STATUSES, ray_haproxy_config
@@ -189,6 +190,7 @@ class _Server(socketserver.ThreadingTCPServer):
 class Ingress:
     url: str
     port: int
+    pid: int  # HAProxy's (the wrapper execs it)
 
 
 @contextmanager
@@ -214,7 +216,7 @@ def haproxy(work: Path, apps: dict[str, tuple[str, int]]) -> Iterator[Ingress]:
                 pass
             assert time.monotonic() < deadline, "HAProxy did not come up"
             time.sleep(0.05)
-        yield Ingress(f"http://127.0.0.1:{port}", port)
+        yield Ingress(f"http://127.0.0.1:{port}", port, proc.pid)
     finally:
         proc.terminate()
         proc.wait(10)
@@ -365,3 +367,50 @@ def test_a_new_client_connection_gets_the_502_though_an_idle_one_waits(
         assert http.get("/kept/ok").status_code == 200
         with pytest.raises(httpx.RemoteProtocolError):  # the same client connection, reused
             http.post("/kept/client/v4/accounts/a/ai/run/@cf/x/dies", json={"prompt": "hi"})
+
+
+def test_soft_stop_answers_what_haproxy_holds_and_refuses_new_connections(
+    tmp_path: Path,
+) -> None:
+    """`batchserve up` soft-stops HAProxy after its replicas drained, before Serve's
+    shutdown SIGKILLs it: a request HAProxy holds is answered (`Connection: close`), a
+    kept-alive client connection gets its next answer and is closed, and a new connection
+    is refused, never left without a response."""
+    replica = _Server(("127.0.0.1", 0), _Replica)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    try:
+        with (
+            haproxy(tmp_path, {"/": ("live", replica.server_address[1])}) as ing,
+            httpx.Client(base_url=ing.url, timeout=5) as kept,
+            socket.create_connection(("127.0.0.1", ing.port), timeout=5) as held,
+        ):
+            assert kept.get("/kept/a").status_code == 200  # now an idle kept-alive connection
+            # A request HAProxy holds: half its body sent.
+            held.sendall(b"POST /kept/x HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n12345")
+            time.sleep(0.2)
+            alive: list[psutil.Process] = []
+            # The test process itself is among the candidates: only HAProxy is signalled.
+            stopper = threading.Thread(
+                target=lambda: alive.extend(
+                    soft_stop([psutil.Process(), psutil.Process(ing.pid)], timeout_s=10)
+                )
+            )
+            stopper.start()
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{ing.url}/kept/new", timeout=2)
+            r = kept.get("/kept/b")
+            assert (r.status_code, r.headers["connection"]) == (200, "close")
+            held.sendall(b"67890")
+            raw, _ = read_until_closed(held)
+            response, body = parse_response(raw)
+            assert (response.status, response.getheader("connection")) == (200, "close")
+            assert body == b'{"ok":true}'
+            stopper.join(10)
+            assert not stopper.is_alive() and alive == []
+            assert not psutil.pid_exists(ing.pid) or psutil.Process(ing.pid).status() == (
+                psutil.STATUS_ZOMBIE
+            )
+    finally:
+        replica.shutdown()
+        replica.server_close()

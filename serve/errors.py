@@ -75,11 +75,11 @@ class ContextWindowExceeded(BatchserveError):
     openai_type = "invalid_request_error"
     openai_code = "context_length_exceeded"
 
-    def __init__(self, requested: int, window: int) -> None:
+    def __init__(self, requested: int, window: int, *, param: str = "max_tokens") -> None:
         super().__init__(
             "AiError: The estimated number of input and maximum output tokens "
             f"({requested}) exceeded this model context window limit ({window}).",
-            param="max_tokens",
+            param=param,
         )
         self.requested = requested
         self.window = window

@@ -6,12 +6,13 @@ import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 
-from serve.errors import EngineFailure
+from serve.errors import BadInput, EngineFailure
 from serve.replica.engine import (
     ChatMessage,
     EngineInfo,
     FinishReason,
     GenerateRequest,
+    SamplingOptions,
     TokenDelta,
 )
 
@@ -41,12 +42,26 @@ class FakeEngine:
     def info(self) -> EngineInfo:
         return EngineInfo(weights="fake", context_window=self.context_window)
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"
         return [ord(c) for c in text]
 
-    def encode_raw(self, prompt: str) -> list[int]:
+    async def encode_raw(self, prompt: str) -> list[int]:
         return [ord(c) for c in prompt]
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        """Like vLLM's grammar compiler, refuses a `response_format` schema that is not
+        a valid JSON schema."""
+        if options.json_schema is None:
+            return
+        import jsonschema
+
+        try:
+            jsonschema.validators.validator_for(options.json_schema).check_schema(
+                options.json_schema
+            )
+        except jsonschema.SchemaError as exc:
+            raise BadInput(f"Grammar error: {exc.message}", param="response_format") from exc
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         self.requests.append(request)

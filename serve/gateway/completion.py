@@ -363,6 +363,7 @@ class CompletionService:
         options, clamped = plan_sampling(
             asked, prompt_tokens=len(prompt_token_ids), stream=stream, budget=self.budget
         )
+        self.engine.check_sampling(options)
         request = GenerateRequest(
             request_id=request_id,
             prompt_token_ids=prompt_token_ids,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from serve.errors import UnknownModel
+from serve.errors import ContextWindowExceeded, UnknownModel
 from serve.gateway.auth import Authenticator
 from serve.gateway.completion import CompletionService
 from serve.gateway.ledger import UsageLedger
@@ -51,6 +52,15 @@ class GatewayContext:
     def require_model(self, name: str) -> None:
         if name != self.model_name:
             raise UnknownModel(name)
+
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """The prompt's token ids under the chat template. Every message is at least
+        one token, so more messages than the context window holds are refused before
+        any tokenizing: a 4 MiB body carries over 100,000 of them."""
+        window = self.completions.budget.context_window
+        if len(messages) >= window:
+            raise ContextWindowExceeded(len(messages) + 1, window, param="messages")
+        return await self.engine.encode_chat(messages)
 
     @staticmethod
     def user_turn(prompt: str) -> list[ChatMessage]:

@@ -164,14 +164,14 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
         body = parse_chat_request(parse_json_body(raw))
         ctx.require_model(body.model)
-        return await respond(request, tenant, body, ctx.engine.encode_chat(body.chat_messages()))
+        return await respond(request, tenant, body, await ctx.encode_chat(body.chat_messages()))
 
     async def completions(request: Request) -> Response:
         tenant = authenticate(request)
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
         body = parse_completion_request(parse_json_body(raw))
         ctx.require_model(body.model)
-        return await respond(request, tenant, body, ctx.engine.encode_raw(body.prompt_text))
+        return await respond(request, tenant, body, await ctx.engine.encode_raw(body.prompt_text))
 
     chat_doc = openapi_doc.openai_chat_completions(ctx.model_name)
     completions_doc = openapi_doc.openai_completions(ctx.model_name)

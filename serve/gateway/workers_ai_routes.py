@@ -121,11 +121,11 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
         if run_input.lora is not None:
             raise LoraUnsupported(model)
         if run_input.messages is not None:
-            prompt_ids = ctx.engine.encode_chat(run_input.messages)
+            prompt_ids = await ctx.encode_chat(run_input.messages)
         elif run_input.raw:
-            prompt_ids = ctx.engine.encode_raw(run_input.prompt or "")
+            prompt_ids = await ctx.engine.encode_raw(run_input.prompt or "")
         else:
-            prompt_ids = ctx.engine.encode_chat(ctx.user_turn(run_input.prompt or ""))
+            prompt_ids = await ctx.engine.encode_chat(ctx.user_turn(run_input.prompt or ""))
         prepared = ctx.completions.prepare(
             request_id=mark_reached_inference(request.scope),
             prompt_token_ids=prompt_ids,

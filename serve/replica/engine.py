@@ -73,12 +73,18 @@ class Engine(Protocol):
     @property
     def info(self) -> EngineInfo: ...
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """Render the model's chat template (generation prompt added) and tokenize."""
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Render the model's chat template (generation prompt added) and tokenize.
+        A large prompt is tokenized off the event loop, so other streams go on."""
         ...
 
-    def encode_raw(self, prompt: str) -> list[int]:
+    async def encode_raw(self, prompt: str) -> list[int]:
         """Tokenize the prompt verbatim: no template, no special tokens added."""
+        ...
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        """Raise `BadInput` for options the engine would refuse (a `response_format`
+        schema it cannot compile), so the client gets a 400 before any byte of a stream."""
         ...
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import os
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 from serve.errors import BadInput, EngineFailure, EngineUnavailable
@@ -24,6 +27,11 @@ from serve.settings import ModelSpec
 log = logging.getLogger(__name__)
 
 _FINISH: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+# Prompts up to this many characters (and messages) are tokenized on the event loop: well
+# under a millisecond, less than the hop to a thread. Larger ones go to the tokenizer
+# thread, so one huge prompt (seconds of work) does not stop every other stream.
+_INLINE_CHARS = 8192
+_INLINE_MESSAGES = 64
 
 
 def vllm_version() -> str:
@@ -84,6 +92,9 @@ class VllmEngine:
         )
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer: Any = self._llm.get_tokenizer()
+        # One thread: Hugging Face's fast tokenizers are not safe to call from several
+        # threads at once, and large prompts then wait for each other, not for the loop.
+        self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="batchserve-tokenize")
         self._content_as_text = content_as_text
         # Liveness (`check_health`): outputs produced so far, all requests together.
         self._outputs = 0
@@ -100,11 +111,44 @@ class VllmEngine:
     def info(self) -> EngineInfo:
         return self._info
 
-    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        return encode_chat(self._tokenizer, messages, content_as_text=self._content_as_text)
+    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        encode = functools.partial(
+            encode_chat, self._tokenizer, messages, content_as_text=self._content_as_text
+        )
+        chars = sum(len(m.content) for m in messages)
+        return await self._tokenize(
+            encode, inline=len(messages) <= _INLINE_MESSAGES and chars <= _INLINE_CHARS
+        )
 
-    def encode_raw(self, prompt: str) -> list[int]:
-        return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+    async def encode_raw(self, prompt: str) -> list[int]:
+        def encode() -> list[int]:
+            return list(self._tokenizer.encode(prompt, add_special_tokens=False))
+
+        return await self._tokenize(encode, inline=len(prompt) <= _INLINE_CHARS)
+
+    async def _tokenize(self, encode: Callable[[], list[int]], *, inline: bool) -> list[int]:
+        if inline:
+            return encode()
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, encode)
+
+    def check_sampling(self, options: SamplingOptions) -> None:
+        structured = _structured_outputs(options)
+        if structured is None:  # nothing else we send can be refused
+            return
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import SamplingParams
+
+        checker = self._llm.input_processor  # what `generate` runs, once the request is in
+        params = SamplingParams(max_tokens=1, structured_outputs=structured)
+        try:
+            params.verify(
+                checker.model_config,
+                checker.speculative_config,
+                checker.structured_outputs_config,
+                checker.tokenizer,
+            )
+        except (VLLMClientError, ValueError) as exc:
+            raise BadInput(str(exc), param="response_format") from exc
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         from vllm.exceptions import VLLMClientError
@@ -153,6 +197,7 @@ class VllmEngine:
         self._watchdog.check(unfinished=self.num_unfinished_requests(), outputs=self._outputs)
 
     def shutdown(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._llm.shutdown()
 
 

@@ -283,6 +283,64 @@ def test_named_hostile_cases(http: TestClient, path: str, raw: bytes) -> None:
     check(http, path, raw)
 
 
+class CountingEngine(FakeEngine):
+    """Counts the messages it was asked to tokenize."""
+
+    encoded_messages: int = 0
+
+    async def encode_chat(self, messages: Any) -> list[int]:
+        self.encoded_messages += len(messages)
+        return await super().encode_chat(messages)
+
+
+@pytest.mark.parametrize("path", [RUN_URL, CHAT_PATH])
+def test_more_messages_than_the_window_holds_are_refused_before_tokenizing(path: str) -> None:
+    """Each message is at least one token: 100,000 of them (a 4 MiB body holds that many)
+    cannot fit a 4,096-token window, and tokenizing them first held the real replica's
+    event loop for a minute (every stream on it stopped)."""
+    engine = CountingEngine(context_window=4096)
+    messages = [{"role": "user", "content": "x"}] * 100_000
+    body: dict[str, Any] = {"messages": messages}
+    if path != RUN_URL:
+        body["model"] = MODEL
+    with TestClient(build_gateway(gateway_settings(), engine)) as http:
+        r = http.post(path, headers=AUTH, json=body)
+    if path == RUN_URL:
+        assert r.status_code == 413, r.text
+        assert [e["code"] for e in r.json()["errors"]] == [5021]
+    else:  # OpenAI answers this with a 400
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("context_length_exceeded", "messages")
+    assert engine.encoded_messages == 0
+
+
+@pytest.mark.parametrize("path", [RUN_URL, CHAT_PATH])
+def test_a_schema_the_engine_refuses_is_a_400_before_any_stream_byte(path: str) -> None:
+    """The engine's grammar check runs before the response starts: a stream used to
+    answer 200 and carry the error as its first event."""
+    schema = {"type": "nonsense-type"}
+    if path == RUN_URL:
+        body: dict[str, Any] = {"prompt": "hi", "stream": True}
+        body["response_format"] = {"type": "json_schema", "json_schema": schema}
+    else:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        body["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": schema},
+        }
+    engine = FakeEngine()
+    with TestClient(build_gateway(gateway_settings(), engine)) as http:
+        r = http.post(path, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"
+    if path == RUN_URL:
+        assert [e["code"] for e in r.json()["errors"]] == [5006]
+    else:
+        assert r.json()["error"]["param"] == "response_format"
+    assert engine.requests == []  # nothing reached the engine
+
+
 def recorded_run(examples: int) -> dict[int, int]:
     """The larger run behind RELIABILITY.md: same strategy and checks, `examples` cases."""
     from collections import Counter

@@ -3,6 +3,7 @@ rejects is 400/5006 (bodies generated from the schema itself and around it)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from typing import Any
@@ -37,11 +38,12 @@ def expected_outcome(body: dict[str, Any]) -> tuple[int, int | None]:
         return 405, 5005
     engine = FakeEngine()
     if run.messages is not None:
-        prompt_tokens = len(engine.encode_chat(run.messages))
+        prompt_tokens = len(asyncio.run(engine.encode_chat(run.messages)))
     elif run.raw:
-        prompt_tokens = len(engine.encode_raw(run.prompt or ""))
+        prompt_tokens = len(asyncio.run(engine.encode_raw(run.prompt or "")))
     else:
-        prompt_tokens = len(engine.encode_chat(GatewayContext.user_turn(run.prompt or "")))
+        turn = GatewayContext.user_turn(run.prompt or "")
+        prompt_tokens = len(asyncio.run(engine.encode_chat(turn)))
     asked = 256 if run.max_tokens is None else max(run.max_tokens, 1)
     if not run.stream:
         asked = min(asked, 8)

@@ -1,0 +1,103 @@
+"""Prompts that cost the replica real work, on real vLLM: a huge prompt is tokenized off
+the replica's event loop, so the streams it serves go on; a `response_format` schema
+vLLM's grammar compiler refuses is a 400 before any byte of a stream."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.cluster.conftest import ACCOUNT, MODEL, Cluster
+
+pytestmark = pytest.mark.cluster
+
+RUN_PATH = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
+# Under the 4 MiB body limit; the real tokenizer needs seconds for it.
+HUGE_CONTENT = "word " * 700_000
+
+
+def test_a_huge_prompt_does_not_stop_the_other_streams(cluster: Cluster) -> None:
+    """Before, the prompt was tokenized on the event loop: the stream beside it got no
+    event for as long as that took (4-7 s here for 3.5 MB, a minute for 115,000
+    messages). Both requests go to one replica's own port."""
+    replica = cluster.replica_urls[0]
+    arrivals: list[float] = []
+    big: dict[str, object] = {}
+
+    def send_huge() -> None:
+        started = time.monotonic()
+        r = httpx.post(  # the OpenAI dialect: Workers AI caps a message at 131,072 chars
+            replica + "/v1/chat/completions",
+            headers=cluster.auth,
+            json={"model": MODEL, "messages": [{"role": "user", "content": HUGE_CONTENT}]},
+            timeout=300,
+        )
+        code = r.json()["error"]["code"] if r.status_code == 400 else None
+        big.update(started=started, ended=time.monotonic(), status=r.status_code, code=code)
+
+    # Sampled at temperature 1 the random-weight model rarely ends early: a long stream.
+    body = {"prompt": "Once upon a time", "max_tokens": 1900, "seed": 1, "stream": True}
+    with httpx.stream(
+        "POST", replica + RUN_PATH, headers=cluster.auth, json=body, timeout=300
+    ) as r:
+        assert r.status_code == 200
+        sender: threading.Thread | None = None
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            arrivals.append(time.monotonic())
+            if len(arrivals) == 20:
+                sender = threading.Thread(target=send_huge)
+                sender.start()
+            if sender is not None and not sender.is_alive():
+                break  # the huge request is answered: enough
+    assert sender is not None
+    sender.join(300)
+    # Far beyond the context window (OpenAI's status for that is 400).
+    assert (big.get("status"), big.get("code")) == (400, "context_length_exceeded"), big
+    started, ended = float(big["started"]), float(big["ended"])  # type: ignore[arg-type]
+    took = ended - started
+    during = [t for t in arrivals if started <= t <= ended]
+    gaps = [b - a for a, b in itertools.pairwise(during)]
+    print(f"\n[huge prompt] answered in {took:.2f} s; {len(during)} stream events meanwhile, "
+          f"largest gap {max(gaps, default=took):.2f} s")  # fmt: skip
+    # The stream kept going while the prompt was tokenized (not one stall as long as that).
+    assert len(during) >= 5, (took, len(during))
+    assert max(gaps) < took / 2, (took, max(gaps))
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_schema_vllm_refuses_is_a_400_before_any_stream_byte(
+    cluster: Cluster, stream: bool
+) -> None:
+    bad = {"type": "json_schema", "json_schema": {"type": "nonsense-type"}}
+    r = httpx.post(
+        cluster.url + RUN_PATH,
+        headers=cluster.auth,
+        json={"prompt": "hi", "response_format": bad, "stream": stream},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    assert r.headers["content-type"] == "application/json"
+    (error,) = r.json()["errors"]
+    assert error["code"] == 5006 and "AiError: Bad input" in error["message"], error
+    openai = httpx.post(
+        f"{cluster.url}/v1/chat/completions",
+        headers=cluster.auth,
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "r", "schema": {"type": "nonsense-type"}},
+            },
+            "stream": stream,
+        },
+        timeout=60,
+    )
+    assert openai.status_code == 400, openai.text
+    assert openai.json()["error"]["param"] == "response_format", openai.text

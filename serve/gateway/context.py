@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starlette.requests import Request
@@ -53,14 +52,16 @@ class GatewayContext:
         if name != self.model_name:
             raise UnknownModel(name)
 
-    async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
-        """The prompt's token ids under the chat template. Every message is at least
-        one token, so more messages than the context window holds are refused before
-        any tokenizing: a 4 MiB body carries over 100,000 of them."""
+    def refuse_too_many_messages(self, payload: object) -> object:
+        """The parsed body, unless its `messages` cannot fit the context window: every
+        message is at least one token. Checked before the schema and the tokenizer,
+        which take tens of microseconds a message on the event loop (a 4 MiB body
+        carries over 100,000 of them)."""
+        messages = payload.get("messages") if isinstance(payload, dict) else None
         window = self.completions.budget.context_window
-        if len(messages) >= window:
+        if isinstance(messages, list) and len(messages) >= window:
             raise ContextWindowExceeded(len(messages) + 1, window, param="messages")
-        return await self.engine.encode_chat(messages)
+        return payload
 
     @staticmethod
     def user_turn(prompt: str) -> list[ChatMessage]:

@@ -162,9 +162,11 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
     async def chat_completions(request: Request) -> Response:
         tenant = authenticate(request)
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
-        body = parse_chat_request(parse_json_body(raw))
+        body = parse_chat_request(ctx.refuse_too_many_messages(parse_json_body(raw)))
         ctx.require_model(body.model)
-        return await respond(request, tenant, body, await ctx.encode_chat(body.chat_messages()))
+        return await respond(
+            request, tenant, body, await ctx.engine.encode_chat(body.chat_messages())
+        )
 
     async def completions(request: Request) -> Response:
         tenant = authenticate(request)

@@ -117,11 +117,11 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
         ctx.require_model(model)
         ctx.refuse_if_full(tenant)
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
-        run_input = parse_run_input(parse_json_body(raw))
+        run_input = parse_run_input(ctx.refuse_too_many_messages(parse_json_body(raw)))
         if run_input.lora is not None:
             raise LoraUnsupported(model)
         if run_input.messages is not None:
-            prompt_ids = await ctx.encode_chat(run_input.messages)
+            prompt_ids = await ctx.engine.encode_chat(run_input.messages)
         elif run_input.raw:
             prompt_ids = await ctx.engine.encode_raw(run_input.prompt or "")
         else:

@@ -101,3 +101,19 @@ def test_a_schema_vllm_refuses_is_a_400_before_any_stream_byte(
     )
     assert openai.status_code == 400, openai.text
     assert openai.json()["error"]["param"] == "response_format", openai.text
+
+
+def test_more_messages_than_the_window_holds_are_refused_at_once(cluster: Cluster) -> None:
+    """115,000 one-letter messages (3.9 MB): tokenized first, they took the replica 62 s
+    (and stopped its other streams); now refused from their count."""
+    messages = [{"role": "user", "content": "a"}] * 115_000
+    started = time.monotonic()
+    r = httpx.post(
+        cluster.replica_urls[0] + RUN_PATH,
+        headers=cluster.auth,
+        json={"messages": messages, "max_tokens": 1},
+        timeout=120,
+    )
+    print(f"\n[115,000 messages] {r.status_code} in {time.monotonic() - started:.2f} s")
+    assert r.status_code == 413, r.text
+    assert [e["code"] for e in r.json()["errors"]] == [5021]

@@ -1,8 +1,8 @@
 """The Workers AI dialect of `@cf/qwen/qwen1.5-1.8b-chat`: input schema, validator, parsing.
 
 `INPUT_SCHEMA` is the single source of truth. The small validator below interprets it
-(keywords: type, properties, required, items, minLength, maxLength, minimum, maximum,
-enum, oneOf; the annotations title/description/default are ignored) and reports
+(keywords: type, properties, required, items, minItems, minLength, maxLength, minimum,
+maximum, enum, oneOf; the annotations title/description/default are ignored) and reports
 reasons in Cloudflare's wording. Semantics are those of JSON Schema 2020-12:
 
 - booleans are never integers or numbers;
@@ -104,7 +104,8 @@ _MESSAGES_BRANCH: Final[dict[str, Any]] = {
     "properties": {
         "messages": _p(
             "array",
-            "The conversation so far, oldest first.",
+            "The conversation so far, oldest first (at least one message).",
+            minItems=1,
             items=_obj(
                 "One message.",
                 {
@@ -252,6 +253,8 @@ def schema_failures(
             out.append((here, f"'{here}' must be >= {_fmt(low)}"))
         if value > high:
             out.append((here, f"'{here}' must be <= {_fmt(high)}"))
+    if isinstance(value, list) and len(value) < schema.get("minItems", 0):
+        out.append((here, f"'{here}' must NOT have fewer than {schema['minItems']} items"))
     if isinstance(value, list) and "items" in schema:
         for index, item in enumerate(value):
             out += schema_failures(item, schema["items"], (*path, index))

@@ -6,6 +6,10 @@ control tokens, forging a turn. Instead the template is rendered with a
 placeholder for every message's content; the template's own text is
 tokenized with special tokens recognised, each content with special tokens
 split into plain text.
+
+A conversation the template itself refuses (its `raise_exception`, e.g. roles that do
+not alternate) is the caller's fault: a `BadInput` naming `messages`, never a 500.
+Other template failures (a broken template) stay server errors.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import secrets
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from jinja2.exceptions import TemplateError
+
+from serve.errors import BadInput
 from serve.replica.engine import ChatMessage
 
 
@@ -23,22 +30,35 @@ class ChatTokenizer(Protocol):
     def encode(self, text: str, **kwargs: Any) -> Any: ...
 
 
+def _render(tokenizer: ChatTokenizer, conversation: list[dict[str, str]]) -> str:
+    """The chat template applied to `conversation`, generation prompt added."""
+    if not conversation:
+        raise BadInput("messages must hold at least one message", param="messages")
+    try:
+        rendered: str = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+    except TemplateError as exc:
+        if type(exc) is not TemplateError:  # syntax or undefined-variable errors: ours
+            raise
+        raise BadInput(
+            f"messages: the chat template refused the conversation: {exc.message}",
+            param="messages",
+        ) from None
+    return rendered
+
+
 def encode_chat(
     tokenizer: ChatTokenizer, messages: Sequence[ChatMessage], *, content_as_text: bool = True
 ) -> list[int]:
     """Token ids of the chat template applied to `messages` (generation prompt added)."""
     if not content_as_text:
-        text = tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
         return list(tokenizer.encode(text, add_special_tokens=False))
     marks = [f"\u2063{secrets.token_hex(8)}\u2063" for _ in messages]
-    rendered: str = tokenizer.apply_chat_template(
+    rendered = _render(
+        tokenizer,
         [{"role": m.role, "content": mark} for m, mark in zip(messages, marks, strict=True)],
-        tokenize=False,
-        add_generation_prompt=True,
     )
     ids: list[int] = []
     rest = rendered

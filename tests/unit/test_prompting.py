@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
+from serve.errors import BadInput
 from serve.replica.engine import ChatMessage
 from serve.replica.prompting import encode_chat
 
@@ -49,3 +51,32 @@ def test_special_tokens_in_content_are_text(tokenizer: Any) -> None:
 def test_empty_content(tokenizer: Any) -> None:
     ids = encode_chat(tokenizer, [ChatMessage("user", "")])
     assert tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("content_as_text", [True, False])
+def test_empty_conversation_is_bad_input(tokenizer: Any, content_as_text: bool) -> None:
+    # transformers raises a bare ValueError here, which would be a 500.
+    with pytest.raises(BadInput) as caught:
+        encode_chat(tokenizer, [], content_as_text=content_as_text)
+    assert caught.value.status == 400 and caught.value.code == 5006
+    assert caught.value.param == "messages"
+
+
+def test_conversation_the_template_refuses_is_bad_input(tiny_qwen2_dir: Path) -> None:
+    strict = AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+    strict.chat_template = (
+        "{% for m in messages %}{% if m.role == 'robot' %}"
+        "{{ raise_exception('Unknown role: ' + m.role) }}{% endif %}{{ m.content }}{% endfor %}"
+    )
+    with pytest.raises(BadInput) as caught:
+        encode_chat(strict, [ChatMessage("robot", "beep")])
+    assert caught.value.status == 400 and caught.value.param == "messages"
+    assert "Unknown role: robot" in caught.value.message
+
+
+def test_broken_template_stays_a_server_error(tiny_qwen2_dir: Path) -> None:
+    broken = AutoTokenizer.from_pretrained(str(tiny_qwen2_dir))
+    broken.chat_template = "{% for m in messages %}{{ m.content }"  # a syntax error: ours
+    with pytest.raises(TemplateError) as caught:
+        encode_chat(broken, [ChatMessage("user", "hi")])
+    assert not isinstance(caught.value, BadInput)

@@ -50,6 +50,7 @@ def test_schema_is_valid_and_uses_only_keywords_the_validator_knows() -> None:
         "properties",
         "required",
         "items",
+        "minItems",
         "minLength",
         "maxLength",
         "minimum",
@@ -213,6 +214,15 @@ def test_messages_need_role_and_content() -> None:
     assert reason_of({"messages": ["hi"]}) == (
         "Type mismatch of '/messages/0', 'string' not in 'object'"
     )
+
+
+def test_messages_must_not_be_empty() -> None:
+    # An empty conversation used to reach the chat template and fail there (a 500).
+    assert not accepted({"messages": [], "max_tokens": 2})
+    with pytest.raises(BadInput) as caught:
+        parse_run_input({"messages": []})
+    assert caught.value.reason == "'/messages' must NOT have fewer than 1 items"
+    assert caught.value.param == "/messages"
 
 
 def test_functions_items_need_name_and_code() -> None:

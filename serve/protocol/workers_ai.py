@@ -50,7 +50,11 @@ _RESPONSE_FORMAT: Final = _obj(
 )
 _SAMPLING: Final[dict[str, Any]] = {
     "stream": _p("boolean", "Stream the response as server-sent events.", default=False),
-    "max_tokens": _p("integer", "The maximum number of tokens to generate.", default=256),
+    # Cloudflare's schema sets no minimum; a request for no tokens at all is refused
+    # (as OpenAI does) rather than quietly served as 1.
+    "max_tokens": _p(
+        "integer", "The maximum number of tokens to generate.", minimum=1, default=256
+    ),
     "temperature": _p(
         "number", "Randomness of sampling; 0 is greedy.", minimum=0, maximum=5, default=0.6
     ),

@@ -106,6 +106,16 @@ async def test_capacity_429(client: httpx.AsyncClient, engine: FakeEngine) -> No
     assert int(refused[0].headers["Retry-After"]) >= 1
 
 
+@pytest.mark.parametrize("value", [0, -5])
+async def test_max_tokens_below_one_is_bad_input(
+    client: httpx.AsyncClient, engine: FakeEngine, value: int
+) -> None:
+    r = await client.post(RUN_URL, headers=AUTH, json={"prompt": "hi", "max_tokens": value})
+    message = assert_envelope(r, 400, 5006)["errors"][0]["message"]  # type: ignore[index]
+    assert message == "AiError: Bad input: '/max_tokens' must be >= 1"
+    assert not engine.requests
+
+
 @pytest.mark.parametrize("branch", ["prompt", "messages"])
 @pytest.mark.parametrize(("field", "value", "ok"), RANGES)
 async def test_range_boundaries_over_http(

@@ -44,7 +44,7 @@ def expected_outcome(body: dict[str, Any]) -> tuple[int, int | None]:
     else:
         turn = GatewayContext.user_turn(run.prompt or "")
         prompt_tokens = len(asyncio.run(engine.encode_chat(turn)))
-    asked = 256 if run.max_tokens is None else max(run.max_tokens, 1)
+    asked = 256 if run.max_tokens is None else run.max_tokens
     if not run.stream:
         asked = min(asked, 8)
     if prompt_tokens + asked > CONTEXT_WINDOW:

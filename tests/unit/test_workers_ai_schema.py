@@ -125,6 +125,14 @@ def test_ranges(base: dict[str, Any], field: str, value: float, ok: bool) -> Non
         assert reason_of(body).startswith(f"'/{field}' must be {bound}")
 
 
+@pytest.mark.parametrize("base", [PROMPT, MESSAGES], ids=["prompt", "messages"])
+@pytest.mark.parametrize("value", [0, -1, -256])
+def test_max_tokens_must_be_positive(base: dict[str, Any], value: int) -> None:
+    # Cloudflare's schema sets no minimum; 0 and below used to be served as 1 in silence.
+    assert reason_of({**base, "max_tokens": value}) == "'/max_tokens' must be >= 1"
+    assert parse_run_input({**base, "max_tokens": 1}).max_tokens == 1
+
+
 def test_exact_range_messages() -> None:
     assert reason_of({**PROMPT, "top_k": 51}) == "'/top_k' must be <= 50"
     assert reason_of({**PROMPT, "temperature": -1}) == "'/temperature' must be >= 0"

@@ -56,7 +56,12 @@ class UnknownModel(BatchserveError):
     openai_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
-        super().__init__(f"No such model {model} or task", param="model")
+        message = (
+            f"No such model {model} or task"
+            if model
+            else "No such model or task: the model name is empty"
+        )
+        super().__init__(message, param="model")
         self.model = model
 
 

@@ -51,6 +51,14 @@ async def test_unknown_model(client: httpx.AsyncClient) -> None:
     assert "@cf/meta/nope" in body["errors"][0]["message"]  # type: ignore[index]
 
 
+async def test_empty_model_name(client: httpx.AsyncClient) -> None:
+    r = await client.post(
+        f"/client/v4/accounts/{ACCOUNT}/ai/run/", headers=AUTH, json={"prompt": "x"}
+    )
+    body = assert_envelope(r, 400, 5007)
+    assert body["errors"][0]["message"] == "No such model or task: the model name is empty"  # type: ignore[index]
+
+
 async def test_lora(client: httpx.AsyncClient) -> None:
     r = await client.post(RUN_URL, headers=AUTH, json={"prompt": "x", "lora": "my-adapter"})
     assert_envelope(r, 405, 5005)

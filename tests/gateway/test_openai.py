@@ -136,6 +136,13 @@ async def test_models(sdk: openai.AsyncOpenAI) -> None:
     assert caught.value.code == "model_not_found"
 
 
+@pytest.mark.parametrize("prefix", PREFIXES, ids=["v1", "account"])
+async def test_models_trailing_slash_is_the_listing(client: httpx.AsyncClient, prefix: str) -> None:
+    r = await client.get(f"{prefix}/models/", headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+
+
 async def test_n_choices(sdk: openai.AsyncOpenAI, engine: FakeEngine) -> None:
     out = await sdk.chat.completions.create(
         model=MODEL,

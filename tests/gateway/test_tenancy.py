@@ -159,7 +159,16 @@ async def test_model_outside_plan_is_403(tmp_path: Path, engine: FakeEngine) -> 
     app = build_gateway(tenancy_settings(tmp_path, path), engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post(run_url("acct-c"), headers=bearer(token), json={"prompt": "hi"})
-    assert r.status_code == 403 and "plan" in r.json()["errors"][0]["message"]
+        assert r.status_code == 403 and "plan" in r.json()["errors"][0]["message"]
+        for prefix in ("/v1", "/client/v4/accounts/acct-c/ai/v1"):
+            # The listing holds only the plan's models; asking for another is the same 403.
+            for listing in (f"{prefix}/models", f"{prefix}/models/"):
+                r = await c.get(listing, headers=bearer(token))
+                assert r.status_code == 200 and r.json() == {"object": "list", "data": []}
+            r = await c.get(f"{prefix}/models/{MODEL}", headers=bearer(token))
+            assert r.status_code == 403, r.text
+            error = r.json()["error"]
+            assert error["type"] == "permission_error" and "plan" in error["message"]
 
 
 async def test_cli_tokens_revocation_and_hot_reload(tmp_path: Path, engine: FakeEngine) -> None:

@@ -10,6 +10,10 @@ Decided limits of this dialect:
 - `logprobs` / `top_logprobs` are refused with a 400 (not wired through the engine);
   `logprobs: false` / `null` and `top_logprobs: 0` are accepted.
 - `echo`, `suffix` and `best_of` > 1 (completions) are refused with a 400.
+- This model does not call tools: `tools` are accepted and unused, so a `tool_choice`
+  (or legacy `function_call`) that forces a call is refused with a 400; `auto` and
+  `none` are served as plain text.
+- `content` may be null (or absent) only on an assistant message.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
 
 from serve.errors import BadInput
 from serve.replica.engine import ChatMessage
@@ -117,6 +122,9 @@ class ChatCompletionRequest(_Common):
     messages: Annotated[list[MessageIn], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    # A named choice is an object ({"type": "function", "function": {"name": ...}}).
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    function_call: Literal["none", "auto"] | dict[str, Any] | None = None
 
     def chat_messages(self) -> list[ChatMessage]:
         """Messages for the chat template; `developer` is the newer name of `system`."""
@@ -132,6 +140,22 @@ class ChatCompletionRequest(_Common):
             raise BadInput("logprobs are not supported", param="logprobs")
         if self.top_logprobs:
             raise BadInput("logprobs are not supported", param="top_logprobs")
+        for name, choice in (
+            ("tool_choice", self.tool_choice),
+            ("function_call", self.function_call),
+        ):
+            if choice is not None and choice not in ("none", "auto"):
+                raise BadInput(
+                    f'{name}: this model does not call tools; only "auto" and "none" are supported',
+                    param=name,
+                )
+        for index, message in enumerate(self.messages):
+            if message.content is None and message.role != "assistant":
+                raise BadInput(
+                    f"messages[{index}].content: a {message.role} message needs content; "
+                    "only an assistant message may leave it null",
+                    param=f"messages[{index}].content",
+                )
 
 
 class CompletionRequest(_Common):
@@ -189,6 +213,25 @@ def _param_of(loc: Sequence[int | str]) -> str:
     return path
 
 
+def _telling_error(errors: Sequence[ErrorDetails]) -> ErrorDetails:
+    """The error to report: the first field's, and of a union (`stop: str | list[str]`)
+    a member whose type matched rather than the first type mismatch (a list of five
+    stop strings is too long, not "not a valid string")."""
+    field = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
+    return next((e for e in field if not e["type"].endswith("_type")), errors[0])
+
+
+def _message_of(error: ErrorDetails) -> str:
+    """pydantic's message, but list lengths without its wording ("after validation")."""
+    context = error.get("ctx") or {}
+    bounds = {"too_long": ("at most", "max_length"), "too_short": ("at least", "min_length")}
+    if error["type"] not in bounds:
+        return error["msg"]
+    words, key = bounds[error["type"]]
+    limit = context[key]
+    return f"{words} {limit} {'entry' if limit == 1 else 'entries'}, got {context['actual_length']}"
+
+
 _Request = TypeVar("_Request", ChatCompletionRequest, CompletionRequest)
 
 
@@ -198,9 +241,9 @@ def _parse(kind: type[_Request], body: object) -> _Request:
     try:
         request = kind.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _param_of(first["loc"]) or None
-        raise BadInput(f"{param or 'body'}: {first['msg']}", param=param) from None
+        error = _telling_error(exc.errors())
+        param = _param_of(error["loc"]) or None
+        raise BadInput(f"{param or 'body'}: {_message_of(error)}", param=param) from None
     request.check()
     return request
 

@@ -20,6 +20,7 @@ from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, TOKEN
 PREFIXES = ["/v1", f"/client/v4/accounts/{ACCOUNT}/ai/v1"]
 CHAT = "/v1/chat/completions"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 @pytest.fixture
@@ -432,6 +433,19 @@ async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
         (CHAT, {"logprobs": True}, "logprobs"),
         (CHAT, {"top_logprobs": 2}, "top_logprobs"),
         (CHAT, {"messages": []}, "messages"),
+        # Tool calls are not supported: forcing one must not quietly answer in plain text.
+        (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),
+        (
+            CHAT,
+            {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+            "tool_choice",
+        ),
+        (CHAT, {"tool_choice": "sometimes"}, "tool_choice"),
+        (CHAT, {"functions": [TOOL["function"]], "function_call": {"name": "f"}}, "function_call"),
+        # Only an assistant message may have null (or no) content.
+        (CHAT, {"messages": [{"role": "user", "content": None}]}, "messages[0].content"),
+        (CHAT, {"messages": [{"role": "system", "content": None}, *HI]}, "messages[0].content"),
+        (CHAT, {"messages": [*HI, {"role": "tool"}]}, "messages[1].content"),
         (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
         (
@@ -461,6 +475,29 @@ async def test_bad_input(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
     assert error["message"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 entries, got 5"),
+        ({"messages": []}, "messages: at least 1 entry, got 0"),
+    ],
+)
+async def test_union_errors_name_the_real_fault(
+    client: httpx.AsyncClient, extra: dict[str, object], message: str
+) -> None:
+    r = await client.post(CHAT, headers=AUTH, json={"model": MODEL, "messages": HI, **extra})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"] == f"AiError: Bad input: {message}"
+
+
+async def test_tools_without_a_forced_call_are_plain_text(client: httpx.AsyncClient) -> None:
+    messages = [*HI, {"role": "assistant", "content": None}, {"role": "user", "content": "and?"}]
+    for choice in (None, "auto", "none"):
+        body = {"model": MODEL, "messages": messages, "tools": [TOOL], "tool_choice": choice}
+        r = await client.post(CHAT, headers=AUTH, json={**body, "max_tokens": 1})
+        assert r.status_code == 200, r.text
 
 
 async def test_invalid_json(client: httpx.AsyncClient) -> None:

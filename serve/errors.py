@@ -20,6 +20,8 @@ class BatchserveError(Exception):
     gateway_layer: bool = False
     # The response closes the connection (the request was not read to its end).
     close_connection: bool = False
+    # The methods the URI supports: a 405's `Allow` header (RFC 9110 requires one).
+    allowed: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class LoraUnsupported(BatchserveError):
     status = 405
     code = 5005
     openai_type = "invalid_request_error"
+    allowed = ("POST",)  # raised only by the run route (its 405 is Cloudflare's choice)
 
     def __init__(self, model: str) -> None:
         super().__init__(f"AiError: LoRA is not supported for model {model}", param="lora")
@@ -191,8 +194,9 @@ class MethodNotAllowed(BatchserveError):
     openai_type = "invalid_request_error"
     gateway_layer = True
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, *, allowed: tuple[str, ...] = ()) -> None:
         super().__init__(f"{method} not supported for requested URI.")
+        self.allowed = allowed
 
 
 class RouteNotFound(BatchserveError):

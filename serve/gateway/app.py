@@ -66,7 +66,10 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
         assert isinstance(exc, StarletteHTTPException)
         err: BatchserveError
         if exc.status_code == 405:
-            err = MethodNotAllowed(request.method)
+            allow = (exc.headers or {}).get("Allow", "")
+            err = MethodNotAllowed(
+                request.method, allowed=tuple(sorted(m.strip() for m in allow.split(",") if m))
+            )
         elif exc.status_code == 404:
             err = RouteNotFound(request.url.path)
         else:

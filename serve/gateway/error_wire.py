@@ -71,6 +71,8 @@ def error_status(err: BatchserveError, dialect: Dialect) -> int:
 
 def error_headers(err: BatchserveError) -> dict[str, str]:
     headers = {"Connection": "close"} if err.close_connection else {}
+    if err.status == 405:  # a 405 must say what is allowed (RFC 9110)
+        headers["Allow"] = ", ".join(err.allowed)
     if err.retry_after_s is None:
         return headers
     return {

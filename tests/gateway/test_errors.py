@@ -62,6 +62,7 @@ async def test_empty_model_name(client: httpx.AsyncClient) -> None:
 async def test_lora(client: httpx.AsyncClient) -> None:
     r = await client.post(RUN_URL, headers=AUTH, json={"prompt": "x", "lora": "my-adapter"})
     assert_envelope(r, 405, 5005)
+    assert r.headers["allow"] == "POST"  # every 405 carries Allow (RFC 9110)
 
 
 async def test_body_too_large(client: httpx.AsyncClient) -> None:
@@ -93,6 +94,23 @@ async def test_foreign_account(client: httpx.AsyncClient) -> None:
 async def test_wrong_method(client: httpx.AsyncClient) -> None:
     r = await client.get(RUN_URL, headers=AUTH)
     assert_envelope(r, 405, 7001)
+    assert r.headers["allow"] == "POST"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("PUT", RUN_URL, "POST"),
+        ("DELETE", "/v1/chat/completions", "POST"),
+        ("POST", "/v1/models", "GET"),
+    ],
+)
+async def test_405_says_what_is_allowed(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    r = await client.request(method, path, headers=AUTH, json={"prompt": "x"})
+    assert r.status_code == 405, r.text
+    assert r.headers["allow"] == allow
 
 
 async def test_unknown_route(client: httpx.AsyncClient) -> None:

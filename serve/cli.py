@@ -243,6 +243,7 @@ def cmd_up(ns: argparse.Namespace) -> int:
 
 def _use_haproxy_wrapper(settings: Settings) -> None:
     """Point Ray at a HAProxy wrapper that adds `timeout http-request` from the settings
+    and keeps HAProxy's stats page and Prometheus exporter on the serve host
     (serve/ingress.py). It wraps the HAProxy the environment names, if any, unless that is
     already a wrapper of ours (the images ship one): then the bundled HAProxy."""
     from serve.ingress import is_wrapper, write_haproxy_wrapper
@@ -254,6 +255,7 @@ def _use_haproxy_wrapper(settings: Settings) -> None:
         settings.cache_dir / "bin" / "haproxy",
         settings.http_request_timeout_s,
         real_binary=configured,
+        bind_host=settings.host,
     )
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
 

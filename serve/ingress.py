@@ -44,16 +44,26 @@ requests it holds, each with `Connection: close`, and exits when the last one is
 HAProxy: a request HAProxy held on a kept-alive client connection at that moment got no
 response at all.
 
+- the binds of HAProxy's stats page (`listen stats`) and Prometheus exporter
+  (`frontend prometheus`), which Ray's template puts on every interface with no
+  authentication, on the host Serve listens on (`bind_host`, `Settings.host` under
+  `batchserve up`): a loopback-only stack exposes nothing else. Nothing scrapes those
+  ports (Ray reads HAProxy's stats over its admin socket; batchserve's metrics come from
+  the replicas). Without a host (the images' wrapper, `python -m serve.ingress PATH`), and
+  for 0.0.0.0 or :: (what Ray itself renders as `*`), they stay on every interface, as the
+  HTTP frontend then is too.
+
 A marker comment added with the lines keeps a config from being edited twice (Ray
 re-renders the whole file before every start or reload).
 
 `batchserve up` writes the wrapper into the cache directory and points Ray at it; the
-container images ship one (`python -m serve.ingress PATH`).
+container images ship one (`python -m serve.ingress PATH [TIMEOUT_S [BIND_HOST]]`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import stat
@@ -75,6 +85,27 @@ NOT_DEPLOYED_RULE = (
     "http-response return status 503 default-errorfiles"
     " if { status 404 } { res.hdr(content-type) -m beg text/plain }"
 )
+
+
+# Hosts Ray renders as `*` (every interface): HAProxy's side ports keep Ray's binds then.
+ANY_HOST = frozenset({"", "*", "0.0.0.0", "::"})
+# An IPv4/IPv6 address or a host name: nothing sed or HAProxy would read specially.
+_HOST = re.compile(r"[A-Za-z0-9.:-]+")
+
+
+def side_bind_edits(bind_host: str | None) -> list[str]:
+    """sed edits putting the stats page's and the Prometheus exporter's binds (Ray's
+    `bind *:PORT` and `bind :PORT`) on `bind_host`; none for every interface."""
+    if bind_host is None or bind_host in ANY_HOST:
+        return []
+    if not _HOST.fullmatch(bind_host):
+        raise ValueError(f"not a host HAProxy can bind: {bind_host!r}")
+    # Within each section (up to the next unindented line): `bind <any>:<port>`.
+    rebind = r"s/^\( *\)bind {any}:\([0-9][0-9]*\)$/\1bind {host}:\2/"
+    return [
+        "/^listen stats$/,/^[^ ]/" + rebind.format(any=r"\*", host=bind_host),
+        "/^frontend prometheus$/,/^[^ ]/" + rebind.format(any="", host=bind_host),
+    ]
 
 
 def real_haproxy_binary() -> str:
@@ -104,7 +135,12 @@ def is_wrapper(path: Path) -> bool:
         return False
 
 
-def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[int, Path]) -> str:
+def wrapper_script(
+    real_binary: str,
+    http_request_timeout_s: int,
+    pages: dict[int, Path],
+    bind_host: str | None = None,
+) -> str:
     lines = [
         CONFIG_MARKER,
         f"timeout http-request {int(http_request_timeout_s)}s",
@@ -113,7 +149,8 @@ def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[in
     ]
     # GNU sed: Ray's errorfile lines go, its backends' `http-reuse always` becomes `safe`,
     # its 404 for a path no application serves becomes the 503 page, then one `a` command
-    # per added line, appended in this order after `defaults`.
+    # per added line, appended in this order after `defaults`; the stats page and the
+    # Prometheus exporter move to `bind_host`.
     edits = [
         "/^ *errorfile /d",
         r"s/^\( *\)http-reuse always$/\1http-reuse safe/",
@@ -121,6 +158,7 @@ def wrapper_script(real_binary: str, http_request_timeout_s: int, pages: dict[in
         "http-request return status 503 default-errorfiles/",
         *(f"/^defaults$/a\\    {line}" for line in lines),
         f"/^frontend http_frontend$/a\\    {NOT_DEPLOYED_RULE}",
+        *side_bind_edits(bind_host),
     ]
     sed_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
     return f"""#!/bin/sh
@@ -140,13 +178,21 @@ exec {shlex.quote(real_binary)} "$@"
 
 
 def write_haproxy_wrapper(
-    path: Path, http_request_timeout_s: int, real_binary: str | None = None
+    path: Path,
+    http_request_timeout_s: int,
+    real_binary: str | None = None,
+    *,
+    bind_host: str | None = None,
 ) -> Path:
     """Write the error pages (`pages_dir(path)`) and the wrapper (mode 0755); return the
-    wrapper's path."""
+    wrapper's path. `bind_host`: where HAProxy's stats page and Prometheus exporter listen
+    (None: Ray's every interface)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    side_bind_edits(bind_host)  # refuse a bad host before writing anything
     pages = write_error_pages(pages_dir(path), http_request_timeout_s)
-    script = wrapper_script(real_binary or real_haproxy_binary(), http_request_timeout_s, pages)
+    script = wrapper_script(
+        real_binary or real_haproxy_binary(), http_request_timeout_s, pages, bind_host
+    )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(script)
     tmp.chmod(stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
@@ -174,15 +220,21 @@ def soft_stop(processes: Iterable[psutil.Process], timeout_s: float) -> list[psu
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m serve.ingress PATH [TIMEOUT_S]`: write the wrapper (image builds)."""
+    """`python -m serve.ingress PATH [TIMEOUT_S [BIND_HOST]]`: write the wrapper (image
+    builds). Without BIND_HOST the stats page and Prometheus exporter keep Ray's binds
+    (every interface, as the images' Serve HTTP frontend on 0.0.0.0 is)."""
     args = sys.argv[1:] if argv is None else argv
-    if not 1 <= len(args) <= 2:
-        print("usage: python -m serve.ingress PATH [HTTP_REQUEST_TIMEOUT_S]", file=sys.stderr)
+    if not 1 <= len(args) <= 3:
+        print(
+            "usage: python -m serve.ingress PATH [HTTP_REQUEST_TIMEOUT_S [BIND_HOST]]",
+            file=sys.stderr,
+        )
         return 2
     from serve.settings import Settings
 
-    timeout_s = int(args[1]) if len(args) == 2 else Settings().http_request_timeout_s
-    print(write_haproxy_wrapper(Path(args[0]), timeout_s))
+    timeout_s = int(args[1]) if len(args) >= 2 else Settings().http_request_timeout_s
+    bind_host = args[2] if len(args) == 3 else None
+    print(write_haproxy_wrapper(Path(args[0]), timeout_s, bind_host=bind_host))
     return 0
 
 

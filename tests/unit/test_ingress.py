@@ -44,9 +44,15 @@ backend default_backend
 STATUSES = (400, 403, 408, 429, 500, 501, 502, 503, 504)
 
 
-def ray_haproxy_config(work: Path, frontend_port: int, servers: dict[str, tuple[str, int]]) -> Path:
+def ray_haproxy_config(
+    work: Path,
+    frontend_port: int,
+    servers: dict[str, tuple[str, int]],
+    host: str = "127.0.0.1",
+) -> Path:
     """The config Ray 2.60 itself renders (its own template and code, as its HAProxy
-    manager does) for one HTTP app per `servers` entry: path prefix -> (name, port)."""
+    manager does) for one HTTP app per `servers` entry: path prefix -> (name, port),
+    with Serve's http_options on `host`."""
     from ray.serve._private.haproxy import (
         BackendConfig,
         HAProxyApi,
@@ -59,7 +65,7 @@ def ray_haproxy_config(work: Path, frontend_port: int, servers: dict[str, tuple[
         socket_path=str(work / "run" / "admin.sock"),
         server_state_base=str(work / "state"),
         server_state_file=str(work / "state" / "server-state"),
-        http_options=HTTPOptions(host="127.0.0.1", port=frontend_port),
+        http_options=HTTPOptions(host=host, port=frontend_port),
         metrics_port=free_port(),
         stats_port=free_port(),
         metrics_enabled=False,
@@ -173,9 +179,58 @@ def test_up_wraps_the_configured_binary_but_never_a_wrapper(
     assert wrapper == tmp_path / "cache" / "bin" / "haproxy"
     text = wrapper.read_text()
     assert str(fake) in text and "timeout http-request 4s" in text
+    assert "bind 127.0.0.1:" in text  # HAProxy's side ports on the serve host
     assert (pages_dir(wrapper) / "502.http").is_file()
     # A wrapper already configured (the images ship one) is replaced, not wrapped again.
     _use_haproxy_wrapper(settings.model_copy(update={"http_request_timeout_s": 9}))
     text = wrapper.read_text()
     assert "timeout http-request 9s" in text and str(fake) not in text
     assert str(wrapper) not in text.split("exec ", 1)[1]
+
+
+def side_binds(cfg: Path) -> dict[str, str]:
+    """The `bind` of HAProxy's stats page and of its Prometheus exporter in `cfg`."""
+    binds: dict[str, str] = {}
+    section = ""
+    for line in cfg.read_text().splitlines():
+        if line and not line[0].isspace():
+            section = line
+        elif line.split()[:1] == ["bind"] and section in ("listen stats", "frontend prometheus"):
+            binds[section] = line.split()[1]
+    assert set(binds) == {"listen stats", "frontend prometheus"}, cfg.read_text()
+    return binds
+
+
+def test_side_ports_follow_the_serve_host(tmp_path: Path) -> None:
+    """Ray's template binds the stats page (`*:PORT`) and Prometheus exporter (`:PORT`)
+    to every interface: on a loopback serve host they move to it; on 0.0.0.0 (the
+    cluster) they stay where Ray put them."""
+    fake = str(fake_haproxy(tmp_path))
+    for host, expect_any in (("127.0.0.1", False), ("0.0.0.0", True), ("::1", False)):
+        work = tmp_path / host.replace(":", "_")
+        work.mkdir()
+        cfg = ray_haproxy_config(work, free_port(), {"/": ("app", free_port())}, host=host)
+        ray_binds = side_binds(cfg)
+        assert ray_binds["listen stats"].startswith("*:")
+        assert ray_binds["frontend prometheus"].startswith(":")
+        wrapper = write_haproxy_wrapper(work / "bin" / "haproxy", 5, fake, bind_host=host)
+        subprocess.run([str(wrapper), "-f", str(cfg)], check=True, capture_output=True)
+        binds = side_binds(cfg)
+        if expect_any:
+            assert binds == ray_binds
+        else:
+            assert binds == {
+                name: f"{host}:{bind.rsplit(':', 1)[1]}" for name, bind in ray_binds.items()
+            }
+    with pytest.raises(ValueError, match="not a host"):
+        write_haproxy_wrapper(tmp_path / "x" / "haproxy", 5, fake, bind_host="a/b")
+
+
+def test_main_takes_an_optional_bind_host(tmp_path: Path) -> None:
+    from serve.ingress import main
+
+    assert main([str(tmp_path / "a" / "haproxy"), "3"]) == 0
+    assert "bind" not in (tmp_path / "a" / "haproxy").read_text()  # the images: Ray's binds
+    assert main([str(tmp_path / "b" / "haproxy"), "3", "127.0.0.1"]) == 0
+    assert "bind 127.0.0.1:" in (tmp_path / "b" / "haproxy").read_text()
+    assert main([str(tmp_path / "c"), "3", "127.0.0.1", "extra"]) == 2

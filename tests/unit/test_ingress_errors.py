@@ -194,13 +194,19 @@ class Ingress:
 
 
 @contextmanager
-def haproxy(work: Path, apps: dict[str, tuple[str, int]]) -> Iterator[Ingress]:
+def haproxy(
+    work: Path, apps: dict[str, tuple[str, int]], bind_host: str | None = None
+) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
-    with these apps (path prefix -> (name, replica port))."""
+    with these apps (path prefix -> (name, replica port)), Serve's host 127.0.0.1;
+    `bind_host` as `write_haproxy_wrapper` takes it."""
     port = free_port()
     cfg = ray_haproxy_config(work, port, apps)
     wrapper = write_haproxy_wrapper(
-        work / "bin" / "haproxy", HTTP_REQUEST_TIMEOUT_S, real_haproxy_binary()
+        work / "bin" / "haproxy",
+        HTTP_REQUEST_TIMEOUT_S,
+        real_haproxy_binary(),
+        bind_host=bind_host,
     )
     log = (work / "haproxy.log").open("wb")
     proc = subprocess.Popen([str(wrapper), "-f", str(cfg), "-db"], stdout=log, stderr=log)
@@ -414,3 +420,60 @@ def test_soft_stop_answers_what_haproxy_holds_and_refuses_new_connections(
     finally:
         replica.shutdown()
         replica.server_close()
+
+
+def _non_loopback_ipv4() -> str | None:
+    """An IPv4 address of this machine outside 127/8, if it has one."""
+    for addrs in psutil.net_if_addrs().values():
+        for addr in addrs:
+            if addr.family == socket.AF_INET and not addr.address.startswith("127."):
+                return str(addr.address)
+    return None
+
+
+@pytest.mark.parametrize("bind_host", [None, "127.0.0.1"])
+def test_stats_and_metrics_ports_listen_on_the_serve_host_only(
+    tmp_path: Path, bind_host: str | None
+) -> None:
+    """HAProxy's stats page and Prometheus exporter have no authentication: with Serve
+    on 127.0.0.1 (`batchserve up`'s default) they listen on loopback only. Without a bind
+    host (the images, whose Serve host is 0.0.0.0) they keep Ray's every-interface binds."""
+    with haproxy(tmp_path, {}, bind_host=bind_host) as ing:
+        listening = {
+            (c.laddr.ip, c.laddr.port)
+            for c in psutil.Process(ing.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
+        assert ("127.0.0.1", ing.port) in listening
+        side = {(ip, port) for ip, port in listening if port != ing.port}
+        assert len({port for _, port in side}) == 2, listening  # stats page, exporter
+        if bind_host is None:  # Ray's own binds: every interface
+            assert {ip for ip, _ in side} <= {"0.0.0.0", "::"}, side
+            return
+        assert {ip for ip, _ in side} == {"127.0.0.1"}, side
+        # Both still answer on loopback ...
+        stats_port, metrics_port = (
+            int(line.split(":")[-1])
+            for section in ("listen stats", "frontend prometheus")
+            for line in _section(tmp_path / "haproxy.cfg", section)
+            if line.split()[:1] == ["bind"]
+        )
+        assert httpx.get(f"http://127.0.0.1:{stats_port}/stats", timeout=5).status_code == 200
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5)
+        assert metrics.status_code == 200 and "haproxy_" in metrics.text
+        # ... and nowhere else.
+        other = _non_loopback_ipv4()
+        if other is not None:
+            for port in (stats_port, metrics_port):
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection((other, port), timeout=5).close()
+
+
+def _section(cfg: Path, name: str) -> list[str]:
+    lines = cfg.read_text().splitlines()
+    start = lines.index(name) + 1
+    end = next(
+        (i for i in range(start, len(lines)) if lines[i] and not lines[i][0].isspace()),
+        len(lines),
+    )
+    return lines[start:end]

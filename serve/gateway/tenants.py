@@ -6,7 +6,7 @@ A tenants file (YAML; in Kubernetes a mounted Secret) looks like::
       standard:
         requests_per_minute: 600
         tokens_per_minute: 200000      # prompt + completion
-        max_concurrent_streams: 16
+        max_concurrent_streams: 16     # requests in flight, streaming or not
         allowed_models: ["@cf/qwen/qwen1.5-1.8b-chat"]   # omitted: every model
         weight: 1                      # share of the gateway queue when saturated
     tenants:
@@ -44,7 +44,11 @@ def hash_token(token: str) -> str:
 
 @dataclass(frozen=True)
 class Plan:
-    """What a tenant may do; None means no limit."""
+    """What a tenant may do; None means no limit.
+
+    `max_concurrent_streams` (its name kept for existing tenants files) caps all of the
+    tenant's requests in flight, streaming or not; an OpenAI request with `n` > 1 counts
+    `n`."""
 
     name: str = DEFAULT_PLAN
     requests_per_minute: int | None = None

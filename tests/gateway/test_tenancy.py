@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -274,6 +275,34 @@ async def test_queue_full_is_429_with_retry_after(tmp_path: Path, tenants_file: 
     refused = next(r for r in results if r.status_code == 429)
     assert int(refused.headers["retry-after"]) >= 1
     assert "queued" in refused.json()["errors"][0]["message"]
+
+
+async def test_max_concurrent_streams_counts_non_streaming_requests_too(
+    tmp_path: Path, tenants_file: Path
+) -> None:
+    """The plan key keeps its name, but it caps every request in flight (README): with one
+    stream open and a limit of 1, a non-streaming request is refused."""
+    write_tenants(tenants_file, max_concurrent_streams=1)
+    engine = FakeEngine(reply="one two three", stall_after=1)  # the stream stays open
+    app = build_gateway(tenancy_settings(tmp_path, tenants_file), engine)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        stream = asyncio.create_task(
+            c.post(run_url("acct-a"), headers=bearer(TOKEN_A), json={"prompt": "a", "stream": True})
+        )
+        try:
+            for _ in range(500):  # until the stream is in the engine (5 s at most)
+                if engine.running:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.running
+            r = await c.post(run_url("acct-a"), headers=bearer(TOKEN_A), json={"prompt": "b"})
+            assert r.status_code == 429, r.text
+            message = r.json()["errors"][0]["message"]
+            assert message == "Rate limited: too many concurrent requests for this plan"
+        finally:
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream
 
 
 async def test_tokens_never_logged(

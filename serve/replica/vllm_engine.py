@@ -65,25 +65,9 @@ class VllmEngine:
         # through the root logger, as every other library's do. Set in the environment so
         # the engine's own processes inherit it.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = spec.engine
-        engine_args = AsyncEngineArgs(
-            model=spec.weights,
-            served_model_name=[spec.name],
-            dtype=cast(Any, args.dtype),
-            max_model_len=cast(Any, args.max_model_len),
-            max_num_seqs=args.max_num_seqs,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            tensor_parallel_size=args.tensor_parallel_size,
-            enforce_eager=args.enforce_eager,
-            enable_prefix_caching=args.enable_prefix_caching,
-            enable_chunked_prefill=_chunked_prefill(args.enable_chunked_prefill),
-            seed=args.seed,
-            # Engine spans (tracing on) join the gateway's trace via `trace_headers`.
-            otlp_traces_endpoint=otlp_traces_endpoint,
-        )
+        engine_args = _engine_args(spec, otlp_traces_endpoint)
         log.info(
             "starting vLLM %s engine for %s with weights %s",
             vllm_version(),
@@ -201,6 +185,47 @@ class VllmEngine:
         self._llm.shutdown()
 
 
+def _engine_args(spec: ModelSpec, otlp_traces_endpoint: str | None = None) -> Any:
+    """vLLM's `AsyncEngineArgs` for one catalog entry."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = spec.engine
+    return AsyncEngineArgs(
+        model=spec.weights,
+        served_model_name=[spec.name],
+        dtype=cast(Any, args.dtype),
+        max_model_len=cast(Any, args.max_model_len),
+        max_num_seqs=args.max_num_seqs,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=_chunked_prefill(args.enable_chunked_prefill),
+        seed=args.seed,
+        structured_outputs_config=_structured_outputs_config(),
+        # Engine spans (tracing on) join the gateway's trace via `trace_headers`.
+        otlp_traces_endpoint=otlp_traces_endpoint,
+    )
+
+
+def _structured_outputs_config() -> Any:
+    """Compact JSON for `response_format`: no whitespace between JSON tokens. Small models
+    otherwise tend to emit whitespace (newlines between a key and its colon, ...) until
+    max_tokens and never close the object.
+
+    vLLM (0.32) takes this only from the engine's configuration: its xgrammar and guidance
+    backends read `StructuredOutputsConfig.disable_any_whitespace` and ignore the field of
+    the same name in a request's `StructuredOutputsParams`; and it refuses the option with
+    the "auto" backend, so xgrammar (what "auto" tries first) is named. The cost: a schema
+    xgrammar cannot compile (e.g. `multipleOf`, `uniqueItems`) is a 400 rather than
+    "auto"'s fallback to guidance. xgrammar 0.2.8 wants exactly one space after a comma
+    in some places (vLLM's note in its xgrammar backend): never more, so no run either.
+    """
+    from vllm.config import StructuredOutputsConfig
+
+    return StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True)
+
+
 def _chunked_prefill(configured: bool | None) -> bool | None:
     """Chunked prefill, off by default on the CPU backend.
 
@@ -217,17 +242,14 @@ def _chunked_prefill(configured: bool | None) -> bool | None:
 
 
 def _structured_outputs(options: SamplingOptions) -> Any:
-    """vLLM's structured-output constraint for `response_format`, or None.
-
-    Whitespace between JSON tokens is not allowed: small models otherwise tend to
-    emit whitespace until max_tokens and never close the object.
-    """
+    """vLLM's structured-output constraint for `response_format`, or None. Its JSON is
+    compact through the engine's configuration (`_structured_outputs_config`)."""
     from vllm.sampling_params import StructuredOutputsParams
 
     if options.json_schema is not None:
-        return StructuredOutputsParams(json=dict(options.json_schema), disable_any_whitespace=True)
+        return StructuredOutputsParams(json=dict(options.json_schema))
     if options.json_object:
-        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+        return StructuredOutputsParams(json_object=True)
     return None
 
 

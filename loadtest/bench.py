@@ -139,6 +139,7 @@ def _ray_isolation(slot: int, tmp: Path) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_STATS_PORT": str(_port(slot, 2)),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_port(slot, 3)),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_port(slot, 4)),
+        "BATCHSERVE_RAY_METRICS_EXPORT_PORT": "0",  # batchserve up: Ray picks it
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(lo),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(lo + 199),
         "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(lo + 4000),

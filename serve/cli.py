@@ -151,6 +151,8 @@ def _banner(settings: Settings, token: str | None) -> str:
             f"  curl {base}/metrics   # one replica per call; scrape each replica on its",
             "  own direct-ingress port (30000, 30001, ... by default):",
             "  prometheus --config.file=deploy/prometheus/prometheus.yml",
+            "  (its `ray` job: Ray's own metrics on port"
+            f" {settings.ray_metrics_export_port or 'picked by Ray'})",
             "  tokens/sec: sum(rate(batchserve_generated_tokens_total[1m]))",
             "",
             "Press Ctrl-C to stop.",

@@ -38,6 +38,8 @@ from serve.settings import Settings
 if TYPE_CHECKING:
     from serve.replica.deployment import ReplicaParts
 
+log = logging.getLogger(__name__)
+
 
 def tenant_store(settings: Settings) -> TenantStore:
     if settings.tenants_file is not None:
@@ -223,6 +225,30 @@ DRAIN_MARGIN_S = 30.0
 INGRESS_STOP_S = 5.0
 
 
+def metrics_export_port(configured: int) -> int | None:
+    """The metrics export port to give Ray: the configured one if it is free, else None
+    (Ray picks one, as for 0). Ray's agent would fail to start on a taken port, and with
+    it the whole node."""
+    import socket
+
+    if configured == 0:
+        return None
+    with socket.socket() as probe:
+        # As Ray's exporter binds it (prometheus_client's server reuses addresses).
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("", configured))
+        except OSError as err:
+            log.warning(
+                "Ray's metrics export port %d is taken (%s): Ray picks another one, "
+                "which deploy/prometheus/prometheus.yml does not scrape",
+                configured,
+                err.strerror,
+            )
+            return None
+    return configured
+
+
 class LocalCluster:
     """A Ray head in this process with the application deployed (`batchserve up`)."""
 
@@ -236,7 +262,12 @@ class LocalCluster:
         import ray
         from ray import serve as rayserve
 
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            _metrics_export_port=metrics_export_port(self.settings.ray_metrics_export_port),
+        )
         rayserve.start(http_options={"host": self.settings.host, "port": self.settings.port})
         rayserve.run(
             build_application(self.settings),

@@ -125,6 +125,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     cache_dir: Path = Field(default_factory=default_cache_dir)
+    # `batchserve up` only: the port Ray exports its own metrics on (ray_serve_*, Ray
+    # core), the one deploy/prometheus/prometheus.yml scrapes and KubeRay pods use.
+    # 0, or the port already taken: Ray picks one.
+    ray_metrics_export_port: int = Field(default=8080, ge=0, le=65535)
 
     # Workers AI defaults and caps.
     default_max_tokens: int = Field(default=256, ge=1)

@@ -131,6 +131,8 @@ def running_cluster(
         "BATCHSERVE_CPU_KV_CACHE_GIB": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
+        # Ray picks its metrics export port: several clusters may run at once.
+        "BATCHSERVE_RAY_METRICS_EXPORT_PORT": "0",
         # Serve gives each replica its own HTTP port from this range; the tests read
         # every replica's engine state there directly.
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(base),

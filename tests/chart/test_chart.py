@@ -126,6 +126,7 @@ def test_lint_is_clean(profile: str) -> None:
         ({"serve": {"autoscaling": {"enabled": "yes"}}}, "/serve/autoscaling/enabled"),
         ({"ingress": {"enabled": True, "hosts": "llm.example.com"}}, "/ingress/hosts"),
         ({"modelCache": {"type": "nfs"}}, "/modelCache/type"),
+        ({"autoscaler": {"version": "v3"}}, "/autoscaler/version"),
         ({"tenants": {"entries": [{"id": "a", "tokens": [{"sha256": "nothex"}]}]}}, "sha256"),
         ({"replicaCount": 3}, "replicaCount"),
         ({"serve": {"settings": {"max_tokens_typo": 1}}}, "max_tokens_typo"),
@@ -276,6 +277,47 @@ def test_the_crd_check_catches_a_misspelt_field(
     obj = copy.deepcopy(rayservice(profiles["default"]))
     obj["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "two"
     assert not rayservice_validator.is_valid(obj)
+
+
+def kuberay_idle_timeout_errors(obj: dict[str, Any]) -> list[str]:
+    """KubeRay's cross-field rule (ray-project/kuberay#4162), which the CRD schema cannot say:
+    a worker group's idleTimeoutSeconds needs `autoscalerOptions.version: v2`."""
+    cluster = obj["spec"]["rayClusterConfig"]
+    version = (cluster.get("autoscalerOptions") or {}).get("version")
+    return [
+        f"worker group {group['groupName']} has idleTimeoutSeconds set, "
+        "but autoscaler version is not v2"
+        for group in cluster["workerGroupSpecs"]
+        if group.get("idleTimeoutSeconds") is not None and version != "v2"
+    ]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"autoscaler": {"version": "v1"}}, {"autoscaler": {"enabled": True}}],
+    ids=["as-is", "autoscaler-v1", "autoscaler-on"],
+)
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_worker_idle_timeout_only_with_autoscaler_v2(profile: str, extra: dict[str, Any]) -> None:
+    obj = rayservice(documents(merged(profile_values(profile), extra)))
+    assert kuberay_idle_timeout_errors(obj) == []
+    cluster = obj["spec"]["rayClusterConfig"]
+    if cluster["enableInTreeAutoscaling"]:
+        options = cluster["autoscalerOptions"]
+        assert options["version"] in {"v1", "v2"}
+        assert options["idleTimeoutSeconds"] > 0  # cluster-wide, accepted with v1 and v2
+        (worker,) = cluster["workerGroupSpecs"]
+        assert ("idleTimeoutSeconds" in worker) is (options["version"] == "v2")
+
+
+def test_default_autoscaler_is_v2_and_the_rule_check_catches_v1() -> None:
+    obj = rayservice(documents())
+    cluster = obj["spec"]["rayClusterConfig"]
+    assert cluster["autoscalerOptions"]["version"] == "v2"
+    assert cluster["workerGroupSpecs"][0]["idleTimeoutSeconds"] == 600
+    broken = copy.deepcopy(obj)
+    del broken["spec"]["rayClusterConfig"]["autoscalerOptions"]["version"]
+    assert kuberay_idle_timeout_errors(broken) != []
 
 
 # --- serveConfigV2 --------------------------------------------------------------------

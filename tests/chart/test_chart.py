@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -661,6 +662,60 @@ def test_monitors_scrape_ray_and_every_replica(profiles: dict[str, list[dict[str
     assert str(ports["replica"]) == env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30000"
     (svc,) = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
     assert {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "replica"}
+
+
+def _job_matchers() -> set[str]:
+    """Every `job="..."` the rules and the dashboard select on."""
+    files = [
+        *sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml")),
+        *sorted((ROOT / "deploy" / "grafana").glob("*.json")),
+    ]
+    found = {m for f in files for m in re.findall(r'job\\?="([^"\\]+)', f.read_text())}
+    assert "batchserve" in found
+    return found
+
+
+def _endpoint_jobs(endpoints: list[dict[str, Any]]) -> dict[str, str]:
+    """port -> the job label the endpoint's relabelings set (the operator's default job is
+    `<namespace>/<PodMonitor name>` or the Service name, the same for every endpoint)."""
+    jobs = {}
+    for e in endpoints:
+        (rule,) = [r for r in e.get("relabelings", []) if r.get("targetLabel") == "job"]
+        assert rule.get("action", "replace") == "replace" and not rule.get("sourceLabels")
+        jobs[e["port"]] = rule["replacement"]
+    return jobs
+
+
+def test_monitors_give_the_local_prometheus_job_names(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Replica /metrics is job "batchserve" and Ray's port job "ray", as in the local
+    deploy/prometheus/prometheus.yml, so the same rules and dashboard match on Kubernetes."""
+    local = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    local_ports = {
+        c["job_name"]: {int(t.rsplit(":", 1)[1]) for s in c["static_configs"] for t in s["targets"]}
+        for c in local["scrape_configs"]
+    }
+    assert local_ports == {"batchserve": {30000}, "ray": {8080}}
+    docs = profiles["all-on"]
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    for endpoints in (pm["spec"]["podMetricsEndpoints"], sm["spec"]["endpoints"]):
+        assert _endpoint_jobs(endpoints) == {"metrics": "ray", "replica": "batchserve"}
+    assert _job_matchers() <= set(local_ports)
+    # The ports behind those names are the ones the local config scrapes.
+    worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    ports = {
+        p["name"]: p["containerPort"] for p in worker["template"]["spec"]["containers"][0]["ports"]
+    }
+    assert {ports["replica"]} == local_ports["batchserve"]
+    assert {ports["metrics"]} == local_ports["ray"]
+    # The gpu profile (PodMonitor on) too.
+    (gpu_pm,) = [d for d in profiles["gpu"] if d["kind"] == "PodMonitor"]
+    assert _endpoint_jobs(gpu_pm["spec"]["podMetricsEndpoints"]) == {
+        "metrics": "ray",
+        "replica": "batchserve",
+    }
 
 
 def test_grafana_configmap_holds_the_deploy_dashboards(

@@ -3,6 +3,7 @@ and every alert has a unit test."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -54,3 +55,18 @@ def test_every_alert_has_a_unit_test() -> None:
         # Each alert is shown both firing and quiet.
         counts = tested.get(alert, set())
         assert 0 in counts and any(c > 0 for c in counts), f"{alert}: {counts}"
+
+
+def test_job_matchers_name_scrape_jobs_of_the_config() -> None:
+    """`job="..."` in the rules and the dashboard names a job of prometheus.yml (the Helm
+    chart's PodMonitor/ServiceMonitor give the same job names; tests/chart checks it)."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {c["job_name"] for c in config["scrape_configs"]}
+    dashboards = sorted((PROMETHEUS_DIR.parent / "grafana").glob("*.json"))
+    used = {
+        job
+        for path in [*RULE_FILES, *dashboards]
+        for job in re.findall(r'job\\?="([^"\\]+)"', path.read_text())
+    }
+    assert "batchserve" in used
+    assert used <= jobs, used - jobs

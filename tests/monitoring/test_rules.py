@@ -70,3 +70,18 @@ def test_job_matchers_name_scrape_jobs_of_the_config() -> None:
     }
     assert "batchserve" in used
     assert used <= jobs, used - jobs
+
+
+def test_latency_quantiles_are_recorded_at_p50_p95_p99() -> None:
+    """README: TTFT, inter-token and end-to-end latency p50/p95/p99 recording rules."""
+    recorded: dict[str, set[str]] = {}
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                if rule.get("record", "").endswith(":quantile_5m"):
+                    quantile = rule["labels"]["quantile"]
+                    assert f"histogram_quantile({quantile}," in rule["expr"], rule
+                    recorded.setdefault(rule["record"], set()).add(quantile)
+    for metric in ("time_to_first_token", "inter_token_latency", "request_duration"):
+        record = f"model:batchserve_{metric}_seconds:quantile_5m"
+        assert recorded.get(record) == {"0.5", "0.95", "0.99"}, record

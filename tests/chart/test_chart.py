@@ -750,3 +750,11 @@ def test_dockerfiles_pin_their_bases_and_engines(name: str) -> None:
     else:
         assert args["VLLM_VERSION"].count(".") == 2
     assert "USER 1000" in text
+
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
+def test_dockerfiles_point_at_files_that_exist(name: str) -> None:
+    text = (ROOT / "deploy" / name).read_text()
+    paths = set(re.findall(r"\b(?:deploy|helm|tests|serve|loadtest)/[\w./-]*\w", text))
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert missing == []

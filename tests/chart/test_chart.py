@@ -621,6 +621,33 @@ def test_notes_tell_how_to_call_and_where_tokens_per_second_is() -> None:
     assert "tokens/sec" in notes.lower() or "Tokens/sec" in notes
 
 
+def _notes(values: dict[str, Any]) -> str:
+    return " ".join(render(values)["batchserve/templates/NOTES.txt"].split())
+
+
+def test_notes_tell_how_to_add_tenants_and_what_to_scrape() -> None:
+    # The CPU profile: chart-made tenants Secret with no entries, monitoring off.
+    cpu = _notes(profile_values("cpu"))
+    assert "no tenants are configured, so every request is refused with 401" in cpu
+    assert "do not edit it (helm upgrade overwrites it)" in cpu
+    assert "tenants.entries" in cpu and "tenants.existingSecret" in cpu
+    assert "Edit the Secret" not in cpu and "Edit that Secret" not in cpu
+    # Monitoring off: both ports, with the job names the rules and dashboard select on.
+    assert 'port 30000 of every worker pod, job "batchserve"' in cpu
+    assert 'port 8080 of every Ray pod, job "ray"' in cpu
+    # A Secret of the user's own (gpu profile): that one is edited, the chart never writes it.
+    gpu = _notes(profile_values("gpu"))
+    assert "Edit that Secret" in gpu and "batchserve-tenants" in gpu
+    assert "no tenants are configured" not in gpu and "overwrites" not in gpu
+    # Chart-made Secret with entries: no warning, tenants change through values.
+    entry = {"id": "a", "plan": "default", "accounts": ["x"], "tokens": [{"sha256": "a" * 64}]}
+    made = _notes({"tenants": {"entries": [entry]}})
+    assert "no tenants are configured" not in made
+    assert "helm upgrade overwrites it" in made
+    off = _notes({"tenants": {"enabled": False}})
+    assert "no tenant can authenticate" in off
+
+
 # --- monitoring files: one source with deploy/ ------------------------------------
 
 

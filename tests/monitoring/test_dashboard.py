@@ -137,3 +137,20 @@ def test_model_variable_source_exists(variable: str) -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     (model_var,) = [v for v in dashboard["templating"]["list"] if v["name"] == "model"]
     assert variable in model_var["definition"] and variable in known_series()
+
+
+# A series the dashboard reads: ours (batchserve_*, recorded *:batchserve*) or the engine's
+# (vllm:*, recorded *:vllm_*), with its label matchers if any.
+SELECTOR = re.compile(r"(?<![\w:\"])((?:[a-z_]+:)?(?:batchserve|vllm)[a-z_:0-9]*)(\{[^}]*\})?")
+# The label that holds the served model: ours `model`, vLLM's `model_name` (served_model_name
+# is the API model name, serve/replica/vllm_engine.py).
+MODEL_MATCHERS = ('model=~"$model"', 'model_name=~"$model"')
+
+
+def test_every_model_series_follows_the_model_variable() -> None:
+    unfiltered = []
+    for title, expr in panel_queries():
+        for name, matchers in SELECTOR.findall(expr):
+            if not any(m in matchers for m in MODEL_MATCHERS):
+                unfiltered.append((title, name))
+    assert unfiltered == []

@@ -165,7 +165,9 @@ def test_settings_schema_names_only_real_settings() -> None:
     assert set(model["properties"]) <= set(ModelSpec.model_fields)
     assert set(model["properties"]["engine"]["properties"]) <= set(EngineArgs.model_fields)
     # The chart's own additions (tenants_file, redis_url, cache_dir) are real settings too.
-    assert {"tenants_file", "redis_url", "cache_dir"} <= set(Settings.model_fields)
+    assert {"tenants_file", "redis_url", "cache_dir", "usage_ledger_path"} <= set(
+        Settings.model_fields
+    )
 
 
 def test_every_values_key_is_documented() -> None:
@@ -382,7 +384,7 @@ def test_serve_config_carries_the_values(profiles: dict[str, list[dict[str, Any]
 
 
 def test_external_redis_url_reaches_the_settings() -> None:
-    docs = documents({"redis": {"externalUrl": "redis://redis.shared:6379/2"}})
+    docs = documents({"redis": {"enabled": False, "externalUrl": "redis://redis.shared:6379/2"}})
     args = _serve_config(docs)["applications"][0]["args"]
     assert Settings.model_validate(args).redis_url == "redis://redis.shared:6379/2"
     assert "StatefulSet" not in kinds(docs)
@@ -502,7 +504,11 @@ def test_image_tag_is_never_latest_even_past_the_schema() -> None:
 OPTIONAL = {
     "ingress": ({"ingress": {"enabled": True}}, {"Ingress"}),
     "networkPolicy": ({"networkPolicy": {"enabled": True}}, {"NetworkPolicy"}),
-    "redis": ({"redis": {"enabled": True}}, {"StatefulSet"}),
+    # (Off, Redis needs a single Serve replica.)
+    "redis": (
+        {"redis": {"enabled": True}, "serve": {"autoscaling": {"maxReplicas": 1}}},
+        {"StatefulSet"},
+    ),
     "podMonitor": ({"monitoring": {"podMonitor": {"enabled": True}}}, {"PodMonitor"}),
     "serviceMonitor": ({"monitoring": {"serviceMonitor": {"enabled": True}}}, {"ServiceMonitor"}),
     "prometheusRule": ({"monitoring": {"prometheusRule": {"enabled": True}}}, {"PrometheusRule"}),
@@ -531,6 +537,7 @@ def test_everything_off_renders_the_core_only() -> None:
         "ingress": {"enabled": False},
         "networkPolicy": {"enabled": False},
         "redis": {"enabled": False},
+        "serve": {"autoscaling": {"enabled": False}},
         "tenants": {"enabled": False},
         "podDisruptionBudget": {"enabled": False},
         "modelCache": {"type": "emptyDir"},
@@ -582,6 +589,64 @@ def test_redis_statefulset_persists_and_networkpolicy_guards_it(
     ephemeral = documents({"redis": {"enabled": True, "persistence": {"enabled": False}}})
     (sts,) = [d for d in ephemeral if d["kind"] == "StatefulSet"]
     assert "volumeClaimTemplates" not in sts["spec"]
+
+
+def test_default_has_shared_redis_and_more_replicas_need_it() -> None:
+    """Several Serve replicas share tenant limits and the usage ledger only through Redis."""
+    docs = documents()
+    assert "StatefulSet" in kinds(docs)
+    assert _serve_config(docs)["applications"][0]["args"]["redis_url"]
+    for many in (
+        {"redis": {"enabled": False}},  # autoscaling up to 4 replicas
+        {
+            "redis": {"enabled": False},
+            "serve": {
+                "autoscaling": {"enabled": False},
+                "settings": {"models": [{**_default_model(), "replicas": 2}]},
+            },
+        },
+    ):
+        with pytest.raises(helm.HelmRenderError, match="more than one Serve replica needs Redis"):
+            documents(many)
+    # One replica needs none (the CPU profile); an external Redis serves as well.
+    single = {"redis": {"enabled": False}, "serve": {"autoscaling": {"maxReplicas": 1}}}
+    assert "StatefulSet" not in kinds(documents(single))
+    assert "No Redis" in render(profile_values("cpu"))["batchserve/templates/NOTES.txt"]
+    external = {"redis": {"enabled": False, "externalUrl": "redis://r:6379/0"}}
+    assert rayservice(documents(external))
+
+
+def _default_model() -> dict[str, Any]:
+    with helm.Chart.load(CHART_DIR) as chart:
+        model: dict[str, Any] = chart.values["serve"]["settings"]["models"][0]
+    return model
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_sqlite_usage_ledger_is_per_pod_never_on_the_shared_cache(
+    profiles: dict[str, list[dict[str, Any]]], profile: str
+) -> None:
+    """SQLite WAL does not work on network filesystems (the RWX model cache)."""
+    docs = profiles[profile]
+    args = Settings.model_validate(_serve_config(docs)["applications"][0]["args"])
+    ledger = args.usage_ledger_path
+    assert ledger is not None
+    for where, pod in pod_specs(rayservice(docs)):
+        (c,) = pod["containers"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        (mount,) = [
+            m
+            for m in c["volumeMounts"]
+            if ledger.is_relative_to(m["mountPath"]) and m["mountPath"] != "/"
+        ]
+        assert "emptyDir" in volumes[mount["name"]], where
+        assert volumes[mount["name"]]["emptyDir"].get("medium") != "Memory", where
+        assert not ledger.is_relative_to(c_mount(c, "model-cache") or "/nonexistent"), where
+
+
+def c_mount(container: dict[str, Any], volume: str) -> str | None:
+    found = [m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume]
+    return found[0] if found else None
 
 
 def test_tenants_secret_chart_made_or_existing() -> None:

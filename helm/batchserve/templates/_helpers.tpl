@@ -74,9 +74,18 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 {{- if .Values.tenants.enabled -}}
 {{- $_ := set $args "tenants_file" (printf "%s/%s" .Values.tenants.mountPath .Values.tenants.key) -}}
 {{- end -}}
+{{- /* Per pod (the /tmp emptyDir): SQLite in WAL mode needs a local filesystem. */ -}}
+{{- $_ := set $args "usage_ledger_path" "/tmp/batchserve/usage.sqlite3" -}}
 {{- $redisUrl := include "batchserve.redisUrl" . -}}
 {{- if $redisUrl -}}
 {{- $_ := set $args "redis_url" $redisUrl -}}
+{{- end -}}
+{{- $maxReplicas := int (default 1 (index .Values.serve.settings.models 0).replicas) -}}
+{{- if .Values.serve.autoscaling.enabled -}}
+{{- $maxReplicas = int .Values.serve.autoscaling.maxReplicas -}}
+{{- end -}}
+{{- if and (gt $maxReplicas 1) (not $redisUrl) -}}
+{{- fail "more than one Serve replica needs Redis (redis.enabled or redis.externalUrl): without it tenant limits are per replica and each pod keeps its own usage ledger" -}}
 {{- end -}}
 {{- $deployment := dict "name" .Values.serve.deploymentName -}}
 {{- with .Values.serve.autoscaling -}}

@@ -36,6 +36,8 @@ SERVE_CONFIG_HEADER = """\
 #   serve deploy deploy/serve-config.yaml     # or: serve run deploy/serve-config.yaml
 # `args` are serve/settings.py Settings fields; the paths are those of the images in deploy/
 # (model cache at /models, tenants file mounted under /etc/batchserve/tenants).
+# The chart's own Redis is not in `args`: its pods get BATCHSERVE_REDIS_URL (with the password)
+# from a Secret. Set that variable on every node (or add `redis_url`) for several replicas.
 """
 
 

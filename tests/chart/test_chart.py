@@ -361,7 +361,9 @@ def test_serve_config_carries_the_values(profiles: dict[str, list[dict[str, Any]
     assert settings.served_model.weights == "Qwen/Qwen1.5-1.8B-Chat"
     assert settings.served_model.num_gpus == 1
     assert settings.tenants_file == Path("/etc/batchserve/tenants/tenants.yaml")
-    assert settings.redis_url == "redis://batchserve-redis.llm.svc:6379/0"
+    # The in-chart Redis: its URL (with the password) comes from the pods' env, not the config.
+    assert settings.redis_url is None
+    assert _pod_redis_url(profiles["gpu"]) == "redis://:pw@batchserve-redis.llm.svc:6379/0"
     assert str(settings.cache_dir) == "/models"
     (deployment,) = app["deployments"]
     auto = gpu["serve"]["autoscaling"]
@@ -595,7 +597,7 @@ def test_default_has_shared_redis_and_more_replicas_need_it() -> None:
     """Several Serve replicas share tenant limits and the usage ledger only through Redis."""
     docs = documents()
     assert "StatefulSet" in kinds(docs)
-    assert _serve_config(docs)["applications"][0]["args"]["redis_url"]
+    assert _pod_redis_url(docs) == "redis://:pw@batchserve-redis.llm.svc:6379/0"
     for many in (
         {"redis": {"enabled": False}},  # autoscaling up to 4 replicas
         {
@@ -649,6 +651,86 @@ def c_mount(container: dict[str, Any], volume: str) -> str | None:
     return found[0] if found else None
 
 
+def _expand_env(env: list[dict[str, Any]], secrets: dict[tuple[str, str], str]) -> dict[str, str]:
+    """A container's environment as Kubernetes builds it: secretKeyRef values, then
+    $(VAR) references to variables defined earlier in the list."""
+    out: dict[str, str] = {}
+    for e in env:
+        if "valueFrom" in e:
+            ref = e["valueFrom"]["secretKeyRef"]
+            out[e["name"]] = secrets[(ref["name"], ref["key"])]
+        else:
+            out[e["name"]] = re.sub(
+                r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: out.get(m[1], m[0]), e["value"]
+            )
+    return out
+
+
+def _pod_redis_url(
+    docs: list[dict[str, Any]], secret: tuple[str, str] = ("batchserve-redis-auth", "password")
+) -> str | None:
+    """The redis_url the application's Settings get in every Ray container (args + env)."""
+    args = _serve_config(docs)["applications"][0]["args"]
+    secrets = {secret: "pw", ("hf-token", "token"): "hf"}
+    seen = set()
+    for _, pod in pod_specs(rayservice(docs)):
+        (c,) = pod["containers"]
+        env = {
+            k: v for k, v in _expand_env(c["env"], secrets).items() if k.startswith("BATCHSERVE_")
+        }
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in env.items():
+                mp.setenv(name, value)
+            seen.add(Settings(**args).redis_url)
+    (url,) = seen
+    return url
+
+
+def test_in_chart_redis_requires_a_password_from_a_secret() -> None:
+    import base64
+
+    docs = documents()
+    (secret,) = [
+        d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-redis-auth")
+    ]
+    password = base64.b64decode(secret["data"]["password"]).decode()
+    assert len(password) == 32 and password.isalnum()  # generated, URL-safe
+    # Redis requires it; its probe (redis-cli) authenticates with it.
+    (sts,) = [d for d in docs if d["kind"] == "StatefulSet"]
+    (redis,) = sts["spec"]["template"]["spec"]["containers"]
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    env = _expand_env(redis["env"], {("batchserve-redis-auth", "password"): password})
+    assert env["REDIS_PASSWORD"] == env["REDISCLI_AUTH"] == password
+    assert redis["readinessProbe"]["exec"]["command"][0] == "redis-cli"
+    # The gateways connect with it (from the same Secret), in every Ray pod.
+    assert _pod_redis_url(docs) == "redis://:pw@batchserve-redis.llm.svc:6379/0"
+    # Never in values, the Serve config or any other object.
+    assert "redis_url" not in _serve_config(docs)["applications"][0]["args"]
+    others = [d for d in docs if d is not secret]
+    assert password not in yaml.safe_dump_all(others)
+    with helm.Chart.load(CHART_DIR) as chart:
+        assert chart.values["redis"]["auth"] == {"existingSecret": "", "key": "password"}
+        assert chart.schema is not None
+        auth = chart.schema["properties"]["redis"]["properties"]["auth"]
+        assert set(auth["properties"]) == {"existingSecret", "key"}  # no place for a password
+    # A Secret of the user's own: the chart makes none and reads that one.
+    own = documents({"redis": {"auth": {"existingSecret": "redis-pw", "key": "pass"}}})
+    assert not [d for d in own if d["kind"] == "Secret" and "redis" in d["metadata"]["name"]]
+    assert (
+        _pod_redis_url(own, ("redis-pw", "pass")) == "redis://:pw@batchserve-redis.llm.svc:6379/0"
+    )
+    (sts,) = [d for d in own if d["kind"] == "StatefulSet"]
+    refs = [
+        e["valueFrom"]["secretKeyRef"]
+        for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+    ]
+    assert refs and all(r == {"name": "redis-pw", "key": "pass"} for r in refs)
+    # An external Redis keeps its URL in the config as given; no password env is added.
+    external = documents({"redis": {"enabled": False, "externalUrl": "redis://r:6379/0"}})
+    assert _pod_redis_url(external) == "redis://r:6379/0"
+
+
 def test_tenants_secret_chart_made_or_existing() -> None:
     from serve.gateway.tenants import hash_token, parse_tenants_document
 
@@ -660,7 +742,9 @@ def test_tenants_secret_chart_made_or_existing() -> None:
         "tokens": [{"sha256": hash_token("secret-token"), "label": "ci"}],
     }
     docs = documents({"tenants": {"plans": plans, "entries": [entry]}})
-    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    (secret,) = [
+        d for d in docs if d["kind"] == "Secret" and "tenants.yaml" in d.get("stringData", {})
+    ]
     text = secret["stringData"]["tenants.yaml"]
     assert "secret-token" not in text
     # The gateway's own parser accepts what the chart writes.
@@ -670,7 +754,9 @@ def test_tenants_secret_chart_made_or_existing() -> None:
     assert grant.tenant.plan.requests_per_minute == 600
 
     existing = documents({"tenants": {"existingSecret": "my-tenants"}})
-    assert "Secret" not in kinds(existing)
+    assert {d["metadata"]["name"] for d in existing if d["kind"] == "Secret"} == {
+        "batchserve-redis-auth"
+    }
     head = rayservice(existing)["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
     volumes = {v["name"]: v for v in head["volumes"]}
     assert volumes["tenants"]["secret"]["secretName"] == "my-tenants"

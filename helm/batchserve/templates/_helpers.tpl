@@ -55,7 +55,14 @@ app.kubernetes.io/part-of: batchserve
 {{- printf "%s-redis" (include "batchserve.fullname" .) -}}
 {{- end -}}
 
-{{/* The Redis URL the application gets: the in-chart Redis, the external one, or nothing. */}}
+{{- define "batchserve.redisAuthSecretName" -}}
+{{- default (printf "%s-redis-auth" (include "batchserve.fullname" .)) .Values.redis.auth.existingSecret -}}
+{{- end -}}
+
+{{/*
+The Redis URL the application gets: the in-chart Redis, the external one, or nothing. The in-chart
+one goes without its password; the Ray pods get the full URL from the Secret (batchserve.rayEnv).
+*/}}
 {{- define "batchserve.redisUrl" -}}
 {{- if .Values.redis.enabled -}}
 {{- printf "redis://%s.%s.svc:%d/0" (include "batchserve.redisName" .) .Release.Namespace (int .Values.redis.port) -}}
@@ -77,7 +84,8 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 {{- /* Per pod (the /tmp emptyDir): SQLite in WAL mode needs a local filesystem. */ -}}
 {{- $_ := set $args "usage_ledger_path" "/tmp/batchserve/usage.sqlite3" -}}
 {{- $redisUrl := include "batchserve.redisUrl" . -}}
-{{- if $redisUrl -}}
+{{- /* The in-chart Redis: BATCHSERVE_REDIS_URL (with the password) from the pods' environment. */ -}}
+{{- if and $redisUrl (not .Values.redis.enabled) -}}
 {{- $_ := set $args "redis_url" $redisUrl -}}
 {{- end -}}
 {{- $maxReplicas := int (default 1 (index .Values.serve.settings.models 0).replicas) -}}
@@ -114,6 +122,16 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 # Replicas' own HTTP ports start here (the first replica of a pod gets exactly this one).
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
   value: {{ .Values.monitoring.replicaMetricsPort | int | toString | quote }}
+{{- end }}
+{{- if .Values.redis.enabled }}
+# The in-chart Redis with its password (from the Secret; Kubernetes expands $(REDIS_PASSWORD)).
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "batchserve.redisAuthSecretName" . }}
+      key: {{ .Values.redis.auth.key }}
+- name: BATCHSERVE_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s" (include "batchserve.redisUrl" . | trimPrefix "redis://") | quote }}
 {{- end }}
 - name: HOME
   value: /tmp/home

@@ -1,7 +1,8 @@
 """`batchserve-loadtest` / `python -m loadtest`: run, sweep, slo-search, compare, report, mock.
 
 Exit codes: 0 fine; 1 a `compare` regression; 2 the client under-delivered the asked rate;
-3 bad arguments or data.
+3 bad arguments or data; 4 no request succeeded (server down, bad token...: see the errors
+breakdown by cause, e.g. `401: 4` or `connect: 4`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 from loadtest import client, report
 from loadtest.calibrate import calibrate, mock_process
-from loadtest.metrics import Slo, summarize, throughput_series
+from loadtest.metrics import Slo, errors_by_cause, summarize, throughput_series
 from loadtest.mock import MockConfig, serve_forever
 from loadtest.records import RequestResult
 from loadtest.schedule import Arrival, ClosedLoop, LoadModel, linear_ramp, open_loop
@@ -35,7 +36,7 @@ from loadtest.workloads import (
     synthetic,
 )
 
-EXIT_REGRESSION, EXIT_UNDER_DELIVERY, EXIT_USAGE = 1, 2, 3
+EXIT_REGRESSION, EXIT_UNDER_DELIVERY, EXIT_USAGE, EXIT_NO_SUCCESS = 1, 2, 3, 4
 TOKEN_ENVS = ("BATCHSERVE_LOADTEST_TOKEN", "BATCHSERVE_DEV_TOKEN")
 
 
@@ -85,7 +86,11 @@ def _load_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="batchserve-loadtest", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="batchserve-loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run_p = sub.add_parser("run", help="one load")
     _common(run_p)
@@ -226,6 +231,10 @@ def execute(
     return summary, out
 
 
+def _causes(by_cause: dict[str, int]) -> str:
+    return f" ({', '.join(f'{k}: {v}' for k, v in by_cause.items())})" if by_cause else ""
+
+
 def _print_summary(label: str, s: dict[str, Any]) -> None:
     ms = s.get("ms", {})
 
@@ -239,8 +248,9 @@ def _print_summary(label: str, s: dict[str, Any]) -> None:
         f"{s.get('request_throughput_rps', 0):.2f} req/s, "
         f"TTFT p50/p99 {q('ttft', 'p50')}/{q('ttft', 'p99')} ms, "
         f"ITL p50 {q('itl', 'p50')} ms, E2E p99 {q('e2e', 'p99')} ms, "
-        f"errors {s.get('errors', 0)} (429: {s.get('rate_limited', 0)}"
-        + (f", refused in p99 {q('refusal', 'p99')} ms)" if s.get("rate_limited") else ")")
+        f"errors {s.get('errors', 0)}"
+        + _causes(s.get("errors_by_cause", {}))
+        + (f", 429 refused in p99 {q('refusal', 'p99')} ms" if s.get("rate_limited") else "")
         + (" CLIENT-BOUND" if s.get("client", {}).get("client_bound") else "")
         + ("" if s.get("delivery", {}).get("ok", True) else " UNDER-DELIVERED"),
         flush=True,
@@ -263,7 +273,18 @@ def cmd_run(ns: argparse.Namespace) -> int:
         )
         paths = report.write_results(ns.out, doc, out.results)
         print(f"wrote {ns.out} and {', '.join(str(p) for p in paths)}")
+    if _none_ok(out.results):
+        return EXIT_NO_SUCCESS
     return EXIT_UNDER_DELIVERY if out.failed_delivery else 0
+
+
+def _none_ok(results: list[RequestResult]) -> bool:
+    """Every request failed: say so on stderr (the exit code is EXIT_NO_SUCCESS)."""
+    if not results or any(r.ok for r in results):
+        return False
+    causes = _causes(errors_by_cause(results))
+    print(f"batchserve-loadtest: no request succeeded{causes}", file=sys.stderr)
+    return True
 
 
 def _stepper(
@@ -296,7 +317,7 @@ def cmd_sweep(ns: argparse.Namespace) -> int:
     step, every = _stepper(ns)
     steps = sweep(step, ns.num_requests, ns.max_concurrency, ns.steps, Arrival(ns.arrival), ns.seed)
     _write_steps(ns, steps, every)
-    return 0
+    return EXIT_NO_SUCCESS if _none_ok(every) else 0
 
 
 def cmd_slo_search(ns: argparse.Namespace) -> int:
@@ -310,7 +331,7 @@ def cmd_slo_search(ns: argparse.Namespace) -> int:
     )
     print("highest rate meeting the SLOs:", "none" if best is None else f"{best:.3g} req/s")
     _write_steps(ns, steps, every)
-    return 0
+    return EXIT_NO_SUCCESS if _none_ok(every) else 0
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:

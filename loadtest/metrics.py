@@ -129,6 +129,37 @@ def throughput_series(
     return [(b * bin_s, bins.get(b, 0) / bin_s) for b in range(min(bins), max(bins) + 1)]
 
 
+def error_cause(r: RequestResult) -> str | None:
+    """Why a request failed, coarse enough to count: the HTTP status (`401`, `429`, `503`),
+    `connect` (refused, DNS, TLS), `timeout`, `disconnected`, `incomplete` (a stream without
+    [DONE]), `body` (an error inside a 2xx answer), else the exception's type."""
+    if r.ok:
+        return None
+    if r.status is not None and r.status >= 400:
+        return str(r.status)
+    err = r.error or ""
+    if r.status is None:
+        name = err.split(":", 1)[0]
+        if "Connector" in name or "SSL" in name or name == "ConnectionRefusedError":
+            return "connect"
+        if "Timeout" in name:
+            return "timeout"
+        if "Disconnected" in name or "Payload" in name or name == "ConnectionResetError":
+            return "disconnected"
+        return name or "error"
+    return "incomplete" if err.startswith("stream ended without") else "body"
+
+
+def errors_by_cause(results: Iterable[RequestResult]) -> dict[str, int]:
+    """Failed requests counted by `error_cause`, most frequent first."""
+    counts: dict[str, int] = {}
+    for r in results:
+        cause = error_cause(r)
+        if cause is not None:
+            counts[cause] = counts.get(cause, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def summarize(
     results: Sequence[RequestResult],
     slos: Sequence[Slo] = (),
@@ -164,6 +195,7 @@ def summarize(
         "completed": len(ok),
         "errors": len(results) - len(ok),
         "error_rate": (len(results) - len(ok)) / len(results),
+        "errors_by_cause": errors_by_cause(results),
         "rate_limited": sum(r.rate_limited for r in results),
         "rate_limited_rate": sum(r.rate_limited for r in results) / len(results),
         "duration_s": duration,

@@ -140,7 +140,14 @@ def target_of(ns: argparse.Namespace) -> Target:
 
 
 def tokenizer_of(ns: argparse.Namespace) -> Tokenizer:
-    return HFTokenizer(ns.tokenizer) if ns.tokenizer else WordTokenizer()
+    if not ns.tokenizer:
+        return WordTokenizer()
+    if not ns.tokenizer.is_dir():
+        raise ValueError(f"--tokenizer {ns.tokenizer}: not a directory (a checkpoint dir)")
+    try:
+        return HFTokenizer(ns.tokenizer)
+    except (OSError, ValueError) as exc:  # transformers: no usable tokenizer files there
+        raise ValueError(f"--tokenizer {ns.tokenizer}: no usable tokenizer ({exc})") from exc
 
 
 def sessions_of(ns: argparse.Namespace, tok: Tokenizer, n: int, seed: int) -> list[Session]:
@@ -148,7 +155,12 @@ def sessions_of(ns: argparse.Namespace, tok: Tokenizer, n: int, seed: int) -> li
     if ns.workload == "sharegpt":
         if ns.dataset is None:
             raise ValueError("--workload sharegpt needs --dataset FILE")
-        return sharegpt(ns.dataset, tok, n, seed)
+        try:
+            return sharegpt(ns.dataset, tok, n, seed)
+        except OSError as exc:
+            raise ValueError(f"--dataset {ns.dataset}: {exc.strerror or exc}") from exc
+        except ValueError as exc:  # not JSON, or no conversations
+            raise ValueError(f"--dataset {ns.dataset}: {exc}") from exc
     if ns.workload == "shared-prefix":
         return shared_prefix(tok, n, ns.groups, ns.prefix_len, inp, out, seed)
     if ns.workload == "multi-turn":
@@ -389,7 +401,10 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        if getattr(ns, "out", None) is not None:
+            report.check_writable(ns.out)  # before the run, not after it
         return COMMANDS[ns.command](ns)
-    except ValueError as exc:
-        print(f"batchserve-loadtest: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:  # bad arguments, missing or unreadable files
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"batchserve-loadtest: {message}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,6 +9,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from importlib import metadata
@@ -65,6 +66,18 @@ def write_results(
     html_path = path.with_suffix(".html")
     html_path.write_text(render_html(doc, results))
     return jsonl, csv_path, html_path
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, not after a whole run, when results cannot be written at `path`."""
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(21, "is a directory")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}-"):
+            pass
+    except OSError as exc:
+        raise ValueError(f"--out {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def _num(x: Any) -> Any:

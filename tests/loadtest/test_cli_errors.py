@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.cli import EXIT_NO_SUCCESS, main
+from loadtest.cli import EXIT_NO_SUCCESS, EXIT_USAGE, main
 from loadtest.metrics import error_cause, errors_by_cause, summarize
 from loadtest.mock import MockConfig
 from tests.loadtest.conftest import MockFactory
@@ -72,3 +72,31 @@ def test_partial_success_exits_zero(
     args = ["run", "--url", url, "--dialect", "openai-chat", "-n", "4", "--concurrency", "1"]
     assert main([*args, "--no-progress"]) == 0
     assert "2/4 ok" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["compare", "{tmp}/missing.json", "{tmp}/b.json"],
+        ["report", "{tmp}/missing.json"],
+        ["run", "--tokenizer", "{tmp}/nonexistent"],
+        ["run", "--tokenizer", "{tmp}"],  # a directory without tokenizer files
+        ["run", "--workload", "sharegpt", "--dataset", "{tmp}/nonexistent.json"],
+        ["run", "--workload", "sharegpt", "--dataset", "{tmp}/not-json.json"],
+        ["run", "--out", "{tmp}/a-file/r.json"],  # its parent is a file
+        ["run", "--out", "{tmp}"],  # a directory
+        ["sweep", "--out", "{tmp}/a-file/r.json"],
+    ],
+)
+def test_bad_input_is_one_line_and_the_usage_code(
+    args: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "not-json.json").write_text("{")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if argv[0] in ("run", "sweep"):
+        argv += ["--url", f"http://127.0.0.1:{_closed_port()}", "-n", "2", "--no-progress"]
+    assert main(argv) == EXIT_USAGE
+    cap = capsys.readouterr()
+    assert cap.err.startswith("batchserve-loadtest: ") and cap.err.count("\n") == 1
+    assert " ok, " not in cap.out  # nothing was run (--out is checked before the run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import time
@@ -269,8 +270,13 @@ def _print_summary(label: str, s: dict[str, Any]) -> None:
     )
     gp = s.get("goodput")
     if gp:
+        values = ", ".join(f"{k} -> {_ms_text(v)}" for k, v in gp["run_values_ms"].items())
         print(f"  goodput {gp['goodput_rps']:.2f} req/s, attainment {gp['attainment']:.1%}, "
-              f"SLOs {'met' if gp['met'] else 'MISSED'}: {gp['run_values_ms']}")  # fmt: skip
+              f"SLOs {'met' if gp['met'] else 'MISSED'}: {values}")  # fmt: skip
+
+
+def _ms_text(v: float) -> str:
+    return f"{v:.1f} ms" if math.isfinite(v) else "inf (errors count as infinite)"
 
 
 def cmd_run(ns: argparse.Namespace) -> int:

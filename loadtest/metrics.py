@@ -31,6 +31,8 @@ def percentile(values: Sequence[float], p: float) -> float:
     k = (len(v) - 1) * p / 100
     lo = math.floor(k)
     hi = min(lo + 1, len(v) - 1)
+    if k == lo or v[hi] == v[lo]:  # also inf and inf (errors), whose difference is NaN
+        return v[lo]
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
 
 
@@ -219,8 +221,9 @@ def summarize(
             "refusal": dist(r.e2e_s for r in results if r.rate_limited),
         },
         "output_length": {
-            "requested_mean": sum(requested) / len(requested) if requested else math.nan,
-            "realised_mean": sum(realised) / len(realised) if realised else math.nan,
+            # None, not NaN, without a successful request
+            "requested_mean": sum(requested) / len(requested) if requested else None,
+            "realised_mean": sum(realised) / len(realised) if realised else None,
             "requests_shorter_than_requested": short,
         },
         "token_counts": {

@@ -57,10 +57,10 @@ def write_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     jsonl = path.with_suffix(".requests.jsonl")
     doc = {**doc, "requests_file": jsonl.name}
-    path.write_text(json.dumps(doc, indent=2, default=_num))
+    path.write_text(dumps(doc, indent=2))
     with jsonl.open("w") as f:
         for r in results:
-            f.write(json.dumps(r.to_json()) + "\n")
+            f.write(dumps(r.to_json()) + "\n")
     csv_path = path.with_suffix(".csv")
     write_csv(csv_path, doc)
     html_path = path.with_suffix(".html")
@@ -80,8 +80,21 @@ def check_writable(path: Path) -> None:
         raise ValueError(f"--out {path}: cannot write there ({exc.strerror or exc})") from exc
 
 
-def _num(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else str(x)
+def finite(x: Any) -> Any:
+    """`x` with every NaN or infinite float (nested in dicts, lists, tuples) as None: strict
+    JSON has neither."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [finite(v) for v in x]
+    return x
+
+
+def dumps(doc: Any, indent: int | None = None) -> str:
+    """Strict JSON (non-finite floats as null); other non-JSON values as their str()."""
+    return json.dumps(finite(doc), indent=indent, allow_nan=False, default=str)
 
 
 def load(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import math
 import os
 import secrets
 import signal
@@ -300,9 +300,26 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "n": len(xs)}
 
 
+def _get(summary: dict[str, Any], *keys: str) -> float | None:
+    """summary[k1][k2]... as a finite number, or None (missing: no request succeeded)."""
+    v: Any = summary
+    for k in keys:
+        if not isinstance(v, dict) or k not in v:
+            return None
+        v = v[k]
+    ok = isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    return float(v) if ok else None
+
+
+def _median(summaries: list[dict[str, Any]], *keys: str) -> float | None:
+    xs = [v for m in summaries if (v := _get(m, *keys)) is not None]
+    return statistics.median(xs) if xs else None
+
+
 def aggregate(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[dict[str, Any]]:
     """One row per stack and stream count: medians over rounds; the ratio to `reference` is
-    taken within each round (same drift), then summarised by its median and spread."""
+    taken within each round (same drift), then summarised by its median and spread. A figure
+    no burst measured (every request failed) is None, and so is a ratio to 0 tok/s."""
     names = list(dict.fromkeys(r["stack"] for r in runs))
     rows = []
     for streams in STREAMS:
@@ -315,20 +332,22 @@ def aggregate(runs: list[dict[str, Any]], reference: str = REFERENCE) -> list[di
                 same = {r["stack"]: r["summary"] for r in runs
                         if r["round"] == rnd and r["streams"] == streams}  # fmt: skip
                 if name in same and reference in same:
-                    ratios.append(same[name]["output_token_throughput_tps"]
-                                  / same[reference]["output_token_throughput_tps"])  # fmt: skip
+                    tps = _get(same[name], "output_token_throughput_tps")
+                    base = _get(same[reference], "output_token_throughput_tps")
+                    if tps is not None and base:
+                        ratios.append(tps / base)
             rows.append({
                 "stack": name,
                 "streams": streams,
-                "tps": _stats([m["output_token_throughput_tps"] for m in mine]),
+                "tps": _stats([_get(m, "output_token_throughput_tps") or 0.0 for m in mine]),
                 "ratio": _stats(ratios) if ratios else None,
-                "ttft_p50_ms": statistics.median(m["ms"]["ttft"]["p50"] for m in mine),
-                "ttft_p99_ms": statistics.median(m["ms"]["ttft"]["p99"] for m in mine),
-                "itl_p50_ms": statistics.median(m["ms"]["itl"]["p50"] for m in mine),
-                "errors": sum(m["errors"] for m in mine),
-                "realised_output_mean": statistics.median(
-                    m["output_length"]["realised_mean"] for m in mine),
-                "client_bound_bursts": sum(bool(m["client"]["client_bound"]) for m in mine),
+                "ttft_p50_ms": _median(mine, "ms", "ttft", "p50"),
+                "ttft_p99_ms": _median(mine, "ms", "ttft", "p99"),
+                "itl_p50_ms": _median(mine, "ms", "itl", "p50"),
+                "errors": sum(int(m.get("errors", 0)) for m in mine),
+                "realised_output_mean": _median(mine, "output_length", "realised_mean"),
+                "client_bound_bursts": sum(bool(m.get("client", {}).get("client_bound"))
+                                           for m in mine),
             })  # fmt: skip
     return rows
 
@@ -363,6 +382,10 @@ def cpu_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _cell(v: float | None, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| stack | streams | output tok/s | vs bare vLLM | TTFT p50 ms | TTFT p99 ms "
             "| ITL p50 ms | tok/s min-max | ratio min-max |\n"
@@ -374,7 +397,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         spread = f"{ratio['min']:.2f}x-{ratio['max']:.2f}x" if ratio else "-"
         lines.append(
             f"| {r['stack']} | {r['streams']} | {tps['median']:,.0f} | {med} "
-            f"| {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.1f} "
+            f"| {_cell(r['ttft_p50_ms'], '.0f')} | {_cell(r['ttft_p99_ms'], '.0f')} "
+            f"| {_cell(r['itl_p50_ms'], '.1f')} "
             f"| {tps['min']:,.0f}-{tps['max']:,.0f} | {spread} |"
         )
     return "\n".join(lines)
@@ -448,9 +472,9 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append({"round": rnd, "stack": s.name, "streams": streams,
                                  "summary": summary})  # fmt: skip
                     print(f"round {rnd} {s.name:>20} {streams:>2} streams: "
-                          f"{summary['output_token_throughput_tps']:7.1f} tok/s, TTFT p50 "
-                          f"{summary['ms']['ttft'].get('p50', float('nan')):6.0f} ms, "
-                          f"errors {summary['errors']}", flush=True)  # fmt: skip
+                          f"{_get(summary, 'output_token_throughput_tps') or 0.0:7.1f} tok/s, "
+                          f"TTFT p50 {_cell(_get(summary, 'ms', 'ttft', 'p50'), '6.0f')} ms, "
+                          f"errors {summary.get('errors', 0)}", flush=True)  # fmt: skip
         if ns.crosscheck and REFERENCE in names:
             vllm = next(s for s in stacks if s.name == REFERENCE)
             check = crosscheck(vllm.target, sessions[:64], 8)
@@ -500,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         "table_markdown": text,
     }  # fmt: skip
     out = ns.out_dir / f"results-{stamp}.json"
-    out.write_text(json.dumps(doc, indent=2, default=str))
+    out.write_text(report.dumps(doc, indent=2))
     series = {
         name: [(float(r["streams"]), r["tps"]["median"]) for r in rows if r["stack"] == name]
         for name in names

@@ -3,14 +3,17 @@ table's columns, and CPU accounting by process kind."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from typing import Any
 
-from loadtest import cpu_share
+from loadtest import cpu_share, report
 from loadtest.bench import aggregate, cpu_rows, table
+from loadtest.metrics import summarize
+from tests.loadtest.test_metrics import result
 
 
 def _summary(tps: float, ttft: float = 10.0, cpu: dict[str, float] | None = None) -> dict[str, Any]:
@@ -113,3 +116,29 @@ def test_frozen_stops_a_whole_process_tree_and_resumes_it() -> None:
             p.kill()
         root.kill()
         root.wait()
+
+
+def test_a_burst_without_successes_does_not_lose_the_run() -> None:
+    """Every request of a burst failed (no TTFT/ITL figures at all), and the reference stack
+    once delivered 0 tok/s: the rows, the table and the results document still come out."""
+    failed = summarize([result(i, error="HTTP 503: busy", status=503) for i in range(4)])
+    assert "p50" not in failed["ms"]["ttft"]
+    failed["client"] = {"client_bound": False}
+    runs = [
+        {"round": 0, "stack": "bare vLLM", "streams": 8, "summary": failed},
+        {"round": 0, "stack": "batchserve", "streams": 8, "summary": _summary(500.0)},
+        {"round": 1, "stack": "bare vLLM", "streams": 8, "summary": _summary(1000.0)},
+        {"round": 1, "stack": "batchserve", "streams": 8, "summary": failed},
+    ]
+    by = {r["stack"]: r for r in aggregate(runs)}
+    vllm, bs = by["bare vLLM"], by["batchserve"]
+    assert vllm["tps"]["median"] == 500.0 and vllm["errors"] == 4
+    assert vllm["ttft_p50_ms"] == 10.0 and vllm["realised_output_mean"] == 64.0  # the good one
+    # round 0: the reference at 0 tok/s gives no ratio; round 1: batchserve at 0 / 1000
+    assert bs["ratio"] == {"median": 0.0, "min": 0.0, "max": 0.0, "n": 1}
+    only_failed = aggregate([{"round": 0, "stack": "bare vLLM", "streams": 8, "summary": failed}])
+    row = only_failed[0]
+    assert row["ttft_p50_ms"] is None and row["itl_p50_ms"] is None and row["ratio"] is None
+    assert row["realised_output_mean"] is None
+    assert "| bare vLLM | 8 | 0 | - | - | - | - |" in table(only_failed)
+    json.loads(report.dumps({"rows": only_failed, "runs": [failed]}))

@@ -70,7 +70,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     w.add_argument("--seed", type=int, default=0)
     r = p.add_argument_group("client and output")
     r.add_argument("--workers", type=int, default=1, help="client processes")
-    r.add_argument("--slo", action="append", default=[], help="e.g. ttft:p99<=500 (ms)")
+    r.add_argument(
+        "--slo",
+        action="append",
+        default=[],
+        help="e.g. 'ttft:p99<=500' (ms; quote it: < is a shell redirection)",
+    )
     r.add_argument("--token-source", choices=["server", "client"], default="server")
     r.add_argument("--delivery-tolerance", type=float, default=0.05)
     r.add_argument("--out", type=Path, help="result JSON (+ .requests.jsonl, .csv, .html)")

@@ -65,7 +65,7 @@ class Slo:
         m = re.fullmatch(r"(\w+?)(?::p(\d+(?:\.\d+)?))?<=?(\d+(?:\.\d+)?)(?:ms)?", spec.strip())
         if not m or m[1] not in _SLO_METRICS:
             raise ValueError(
-                f"SLO {spec!r}: use e.g. ttft:p99<=500 (metrics {sorted(_SLO_METRICS)})"
+                f"SLO {spec!r}: use e.g. 'ttft:p99<=500' (metrics {sorted(_SLO_METRICS)})"
             )
         return cls(m[1], float(m[3]), float(m[2]) if m[2] else 99.0)
 

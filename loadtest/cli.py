@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -129,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--streams", type=int, nargs="+", default=[1, 256])
     cal.add_argument("--ttft-ms", type=float, default=250.0)
     cal.add_argument("--itl-ms", type=float, default=50.0)
+    cal.add_argument(
+        "--dialect",
+        nargs="+",
+        choices=[d.value for d in Dialect],
+        default=[Dialect.OPENAI_CHAT.value],
+        help="one or more (default openai-chat)",
+    )
     return parser
 
 
@@ -385,10 +393,11 @@ def cmd_mock(ns: argparse.Namespace) -> int:
 
 def cmd_calibrate(ns: argparse.Namespace) -> int:
     with mock_process(ns.ttft_ms, ns.itl_ms) as url:
-        for streams in ns.streams:
-            c = calibrate(url, streams, max(3 * streams, 6), ns.ttft_ms, ns.itl_ms)
+        for dialect, streams in itertools.product(map(Dialect, ns.dialect), ns.streams):
+            c = calibrate(url, streams, max(3 * streams, 6), ns.ttft_ms, ns.itl_ms, dialect=dialect)
             print(
-                f"{streams:>4} streams: TTFT-TTFB p50 {c['ttft_minus_ttfb_p50_ms']:.2f} ms "
+                f"{dialect.value} {streams:>4} streams: errors {c['errors']}, "
+                f"TTFT-TTFB p50 {c['ttft_minus_ttfb_p50_ms']:.2f} ms "
                 f"({c['ttft_error']:+.2%}), ITL p50 {c['itl_p50_ms']:.2f} ms "
                 f"({c['itl_error']:+.2%}), client+mock overhead (TTFB p50) "
                 f"{c['client_overhead_ttfb_p50_ms']:.2f} ms, loop lag p99 "

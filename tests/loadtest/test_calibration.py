@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from loadtest import cli
 from loadtest.calibrate import calibrate, mock_process
+from loadtest.targets import Dialect
 
 TTFT_MS, ITL_MS = 250.0, 50.0
 ATTEMPTS = 3  # the machine is shared: a run descheduled by another job is measured again
@@ -32,3 +34,24 @@ def test_calibration_within_two_percent(mock_url: str, streams: int, requests: i
     else:
         pytest.fail(f"not within 2% in {ATTEMPTS} runs: {runs}")
     assert c["client_overhead_ttfb_p50_ms"] > 0
+
+
+def test_cli_calibrates_each_asked_dialect(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    seen: list[Dialect] = []
+
+    def spy(*args: Any, dialect: Dialect = Dialect.OPENAI_CHAT, **kw: Any) -> dict[str, Any]:
+        seen.append(dialect)
+        return calibrate(*args, dialect=dialect, **kw)
+
+    monkeypatch.setattr(cli, "calibrate", spy)
+    argv = ["calibrate", "--streams", "1", "--ttft-ms", "20", "--itl-ms", "5", "--dialect"]
+    assert cli.main([*argv, "workers-ai", "openai-completions"]) == 0
+    assert seen == [Dialect.WORKERS_AI, Dialect.OPENAI_COMPLETIONS]
+    out = capsys.readouterr().out
+    assert "workers-ai    1 streams: errors 0," in out
+    assert "openai-completions    1 streams: errors 0," in out
+    seen.clear()
+    assert cli.main(argv[:-1]) == 0
+    assert seen == [Dialect.OPENAI_CHAT]  # the default

@@ -23,7 +23,14 @@ from loadtest.calibrate import calibrate, mock_process
 from loadtest.metrics import Slo, errors_by_cause, summarize, throughput_series
 from loadtest.mock import MockConfig, serve_forever
 from loadtest.records import RequestResult
-from loadtest.schedule import Arrival, ClosedLoop, LoadModel, linear_ramp, open_loop
+from loadtest.schedule import (
+    Arrival,
+    ClosedLoop,
+    LoadModel,
+    OpenLoop,
+    linear_ramp,
+    open_loop,
+)
 from loadtest.sweep import slo_search, sweep
 from loadtest.targets import Dialect, Target
 from loadtest.workloads import (
@@ -39,6 +46,7 @@ from loadtest.workloads import (
 )
 
 EXIT_REGRESSION, EXIT_UNDER_DELIVERY, EXIT_USAGE, EXIT_NO_SUCCESS = 1, 2, 3, 4
+DEFAULT_REQUESTS = 64
 TOKEN_ENVS = ("BATCHSERVE_LOADTEST_TOKEN", "BATCHSERVE_DEV_TOKEN")
 
 
@@ -60,7 +68,12 @@ def _common(p: argparse.ArgumentParser) -> None:
         default="synthetic",
     )
     w.add_argument("--dataset", type=Path, help="ShareGPT JSON file")
-    w.add_argument("-n", "--num-requests", type=int, default=64)
+    w.add_argument(
+        "-n",
+        "--num-requests",
+        type=int,
+        help=f"requests (default {DEFAULT_REQUESTS}); not with --ramp, which sets the count",
+    )
     w.add_argument("--input-len", default="64", help="N, A-B or MEAN,STD tokens")
     w.add_argument("--output-len", default="64", help="N, A-B or MEAN,STD tokens")
     w.add_argument("--prefix-len", type=int, default=256)
@@ -87,7 +100,14 @@ def _load_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("load").add_mutually_exclusive_group()
     g.add_argument("--concurrency", type=int, help="closed loop (default 8)")
     g.add_argument("--rate", type=float, help="open loop, req/s")
-    g.add_argument("--ramp", nargs=3, type=float, metavar=("FROM", "TO", "SECONDS"))
+    g.add_argument(
+        "--ramp",
+        nargs=3,
+        type=float,
+        metavar=("FROM", "TO", "SECONDS"),
+        help="open loop, rate from FROM to TO req/s over SECONDS: sends (FROM+TO)/2*SECONDS "
+        "requests (so not with -n)",
+    )
     p.add_argument("--arrival", choices=[a.value for a in Arrival], default="poisson")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape")
 
@@ -138,6 +158,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="one or more (default openai-chat)",
     )
     return parser
+
+
+def resolve_num_requests(ns: argparse.Namespace) -> None:
+    """-n defaults to DEFAULT_REQUESTS; a --ramp sets the count itself, so -n is refused."""
+    if not hasattr(ns, "num_requests"):
+        return
+    if getattr(ns, "ramp", None) is not None:
+        if ns.num_requests is not None:
+            raise ValueError(
+                "--ramp FROM TO SECONDS sends (FROM+TO)/2*SECONDS requests: drop -n, or use "
+                "--rate with -n"
+            )
+    elif ns.num_requests is None:
+        ns.num_requests = DEFAULT_REQUESTS
 
 
 def target_of(ns: argparse.Namespace) -> Target:
@@ -294,6 +328,8 @@ def _ms_text(v: float) -> str:
 
 def cmd_run(ns: argparse.Namespace) -> int:
     target, tok, load = target_of(ns), tokenizer_of(ns), load_of(ns)
+    if isinstance(load, OpenLoop):  # a ramp's count, in the result's config
+        ns.num_requests = len(load.deadlines)
     summary, out = execute(ns, target, tok, load, load.describe())
     if ns.out:
         doc = report.result_document(
@@ -421,6 +457,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
+        resolve_num_requests(ns)
         if getattr(ns, "out", None) is not None:
             report.check_writable(ns.out)  # before the run, not after it
         return COMMANDS[ns.command](ns)

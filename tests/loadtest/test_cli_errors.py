@@ -100,3 +100,16 @@ def test_bad_input_is_one_line_and_the_usage_code(
     cap = capsys.readouterr()
     assert cap.err.startswith("batchserve-loadtest: ") and cap.err.count("\n") == 1
     assert " ok, " not in cap.out  # nothing was run (--out is checked before the run)
+
+
+def test_ramp_refuses_n_and_sends_its_own_count(
+    mock_server: MockFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = mock_server(MockConfig(ttft_s=0.01, itl_s=0.001))
+    args = ["run", "--url", url, "--dialect", "openai-chat", "--no-progress", "--ramp", "2", "4"]
+    assert main([*args, "1", "-n", "12"]) == EXIT_USAGE
+    assert "--ramp FROM TO SECONDS sends (FROM+TO)/2*SECONDS requests" in capsys.readouterr().err
+    out = tmp_path / "r.json"
+    assert main([*args, "1", "--out", str(out)]) == 0
+    assert "3/3 ok" in capsys.readouterr().out  # (2 + 4) / 2 * 1 s
+    assert json.loads(out.read_text())["config"]["num_requests"] == 3

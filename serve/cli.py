@@ -258,6 +258,7 @@ def _use_haproxy_wrapper(settings: Settings) -> None:
         settings.http_request_timeout_s,
         real_binary=configured,
         bind_host=settings.host,
+        server_maxconn=settings.ingress_server_maxconn,
     )
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
 

@@ -89,6 +89,12 @@ NOT_DEPLOYED_RULE = (
 
 # Hosts Ray renders as `*` (every interface): HAProxy's side ports keep Ray's binds then.
 ANY_HOST = frozenset({"", "*", "0.0.0.0", "::"})
+# In a backend: every replica up holds `maxconn` requests, so anything more would only be
+# refused there, at ~10x the CPU. A backend with no replica up (`nbsrv` 0, where
+# `be_conn_free` is 0 too) keeps HAProxy's 503 page: nothing to serve, not busy.
+SHED_RULE = (
+    "http-request return status 429 default-errorfiles if { nbsrv gt 0 } { be_conn_free eq 0 }"
+)
 # An IPv4/IPv6 address or a host name: nothing sed or HAProxy would read specially.
 _HOST = re.compile(r"[A-Za-z0-9.:-]+")
 
@@ -106,6 +112,28 @@ def side_bind_edits(bind_host: str | None) -> list[str]:
         "/^listen stats$/,/^[^ ]/" + rebind.format(any=r"\*", host=bind_host),
         "/^frontend prometheus$/,/^[^ ]/" + rebind.format(any="", host=bind_host),
     ]
+
+
+# The wrapper's environment may override the limit it was written with (the chart
+# computes it from its values; the images' wrapper was written with the defaults): a
+# number of requests per replica, 0 for none.
+MAXCONN_ENV = "BATCHSERVE_HAPROXY_SERVER_MAXCONN"
+
+
+def shed_script(server_maxconn: int | None) -> str:
+    """Shell lines giving every replica (each backend's `default-server`) `maxconn` and
+    answering 429 in that backend while none has a free slot: `server_maxconn`, or the
+    value of MAXCONN_ENV when set; nothing when that is 0 or not a number."""
+    if server_maxconn is not None and server_maxconn < 1:
+        raise ValueError(f"a replica must take at least one request, not {server_maxconn}")
+    limit = r"s/^\( *default-server .*\)$/\1 maxconn "
+    rule = rf"/^ *default-server /a\    {SHED_RULE}"
+    return f"""  maxconn=${{{MAXCONN_ENV}-{server_maxconn or 0}}}
+  case $maxconn in ''|*[!0-9]*) maxconn=0 ;; esac
+  if [ "$maxconn" -gt 0 ]; then
+    sed -i -e {shlex.quote(limit)}"$maxconn"/ -e {shlex.quote(rule)} "$cfg"
+  fi
+"""
 
 
 def real_haproxy_binary() -> str:
@@ -140,6 +168,7 @@ def wrapper_script(
     http_request_timeout_s: int,
     pages: dict[int, Path],
     bind_host: str | None = None,
+    server_maxconn: int | None = None,
 ) -> str:
     lines = [
         CONFIG_MARKER,
@@ -172,7 +201,7 @@ for arg in "$@"; do
 done
 if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -qF {shlex.quote(CONFIG_MARKER)} "$cfg"; then
   sed -i {sed_args} "$cfg"
-fi
+{shed_script(server_maxconn)}fi
 exec {shlex.quote(real_binary)} "$@"
 """
 
@@ -183,15 +212,22 @@ def write_haproxy_wrapper(
     real_binary: str | None = None,
     *,
     bind_host: str | None = None,
+    server_maxconn: int | None = None,
 ) -> Path:
     """Write the error pages (`pages_dir(path)`) and the wrapper (mode 0755); return the
     wrapper's path. `bind_host`: where HAProxy's stats page and Prometheus exporter listen
-    (None: Ray's every interface)."""
+    (None: Ray's every interface); `server_maxconn`: requests one replica is handed at
+    once, the rest answered 429/3040 by HAProxy (None: no limit)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    side_bind_edits(bind_host)  # refuse a bad host before writing anything
+    side_bind_edits(bind_host)  # refuse a bad host or limit before writing anything
+    shed_script(server_maxconn)
     pages = write_error_pages(pages_dir(path), http_request_timeout_s)
     script = wrapper_script(
-        real_binary or real_haproxy_binary(), http_request_timeout_s, pages, bind_host
+        real_binary or real_haproxy_binary(),
+        http_request_timeout_s,
+        pages,
+        bind_host,
+        server_maxconn,
     )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(script)

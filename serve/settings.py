@@ -196,6 +196,13 @@ class Settings(BaseSettings):
     # request that cannot start at once is refused at once (429/3040), so a burst's
     # excess costs milliseconds and memory stays bounded however many tenants burst.
     queue_max_total: int = Field(default=256, ge=0)
+    # Load shedding at the ingress: HAProxy hands one replica at most engine slots +
+    # queue_max_total + this many requests at once and answers the rest 429/3040 itself,
+    # in well under a millisecond, so a flood beyond what the replicas can queue never
+    # costs them the ~2 ms of CPU a refusal takes there (serve/ingress.py). The headroom
+    # is for requests being refused, health and model listings.
+    ingress_shedding: bool = True
+    ingress_headroom: int = Field(default=16, ge=0)
     # Slots one tenant alone can never fill, so another tenant's first request starts at
     # once during a flood (its time to first token stays near the idle figure). None:
     # one in 16 of the replica's engine slots (0 below 16 slots).
@@ -247,6 +254,14 @@ class Settings(BaseSettings):
         """Sequences one replica's engine runs at once, as the fair queue shares them out:
         beyond vLLM's max_num_seqs requests would wait in vLLM's first-come queue instead."""
         return min(self.max_inflight_per_replica, self.served_model.engine.max_num_seqs)
+
+    @property
+    def ingress_server_maxconn(self) -> int | None:
+        """Requests HAProxy hands one replica at once (None: no limit): what its
+        admission can run or queue, plus `ingress_headroom`."""
+        if not self.ingress_shedding:
+            return None
+        return self.engine_slots + self.queue_max_total + self.ingress_headroom
 
     @property
     def reserved_slots(self) -> int:

@@ -38,6 +38,8 @@ SERVE_CONFIG_HEADER = """\
 # (model cache at /models, tenants file mounted under /etc/batchserve/tenants).
 # The chart's own Redis is not in `args`: its pods get BATCHSERVE_REDIS_URL (with the password)
 # from a Secret. Set that variable on every node (or add `redis_url`) for several replicas.
+# HAProxy's per-replica limit (load shedding) is the images' default for these args; the chart
+# sets BATCHSERVE_HAPROXY_SERVER_MAXCONN on every node when the values change it (0: no limit).
 """
 
 

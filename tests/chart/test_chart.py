@@ -392,6 +392,39 @@ def test_external_redis_url_reaches_the_settings() -> None:
     assert "StatefulSet" not in kinds(docs)
 
 
+def _ray_env(docs: list[dict[str, Any]], name: str) -> set[str]:
+    """The values of env `name` in every Ray container (head and workers)."""
+    found = set()
+    for where, c in containers(docs):
+        if "RayService" in where and "autoscaler" not in where:
+            found |= {e["value"] for e in c.get("env", []) if e["name"] == name}
+    return found
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"ingress_headroom": 3, "queue_max_total": 0},
+        {"max_inflight_per_replica": 9},
+        {"ingress_shedding": False},
+    ],
+)
+def test_haproxy_gets_the_replica_limit_the_settings_compute(
+    settings: dict[str, Any],
+) -> None:
+    """The images' HAProxy wrapper was written with the default settings: every Ray
+    container gets the limit these values make (serve/ingress.py MAXCONN_ENV)."""
+    from serve.ingress import MAXCONN_ENV
+
+    for profile in PROFILES:
+        values = merged(profile_values(profile), {"serve": {"settings": settings}})
+        docs = documents(values)
+        args = _serve_config(docs)["applications"][0]["args"]
+        expect = Settings.model_validate(args).ingress_server_maxconn or 0
+        assert _ray_env(docs, MAXCONN_ENV) == {str(expect)}, (profile, settings)
+
+
 def test_gateway_settings_from_values_reach_the_application() -> None:
     docs = documents({"serve": {"settings": {"non_stream_max_tokens": 77, "max_body_bytes": 8192}}})
     settings = Settings.model_validate(_serve_config(docs)["applications"][0]["args"])

@@ -34,6 +34,7 @@ from urllib.parse import urlsplit
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import client
 from loadtest.metrics import percentile
@@ -50,6 +51,7 @@ GRACEFUL_SHUTDOWN_S = 8.0
 SLOTS = 2  # engine slots per replica
 QUEUE_TOTAL = 8  # waiting requests per replica, all tenants together
 QUEUE_WAIT_S = 10.0
+INGRESS_HEADROOM = 2  # HAProxy hands a replica SLOTS + QUEUE_TOTAL + this many requests
 PORT_SPAN = 10  # direct-ingress ports: room for the replacements
 ROLLOUT_WITHIN_S = 300.0
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -69,6 +71,7 @@ def busy(tiny_qwen2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
         "BATCHSERVE_QUEUE_MAX_PER_TENANT": str(QUEUE_TOTAL),
         "BATCHSERVE_QUEUE_MAX_TOTAL": str(QUEUE_TOTAL),
         "BATCHSERVE_QUEUE_MAX_WAIT_S": str(QUEUE_WAIT_S),
+        "BATCHSERVE_INGRESS_HEADROOM": str(INGRESS_HEADROOM),
     }
     work = tmp_path_factory.mktemp("overload")
     with running_cluster(tiny_qwen2_dir, work, env=settings, port_span=PORT_SPAN) as cluster:
@@ -176,6 +179,36 @@ def replica_rss_mb(cluster: Cluster) -> dict[str, float]:
     return out
 
 
+def cluster_cpu_s(cluster: Cluster) -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the replica actors, their vLLM engine
+    processes and HAProxy, each role summed over replicas."""
+    out = {"replicas": 0.0, "engines": 0.0, "haproxy": 0.0}
+    for proc in psutil.Process(cluster.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            line = " ".join(proc.cmdline())
+            if "ServeReplica:" in line:
+                for role, p in [("replicas", proc)] + [
+                    ("engines", c) for c in proc.children(recursive=True)
+                ]:
+                    t = p.cpu_times()
+                    out[role] += t.user + t.system
+            elif proc.name() == "haproxy":
+                t = proc.cpu_times()
+                out["haproxy"] += t.user + t.system
+    return out
+
+
+def gateway_refusals(cluster: Cluster) -> float:
+    """429s the replicas' gateways have answered (`batchserve_rejections_total`)."""
+    total = 0.0
+    for url in cluster.replica_urls:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        for family in text_string_to_metric_families(text):
+            if family.name == "batchserve_rejections":
+                total += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return total
+
+
 def burst(cluster: Cluster, rate: float, seconds: float, max_tokens: int) -> list[RequestResult]:
     """Open loop (Poisson) at `rate` requests/s in total, spread over the three tenants,
     each from its own load-tester client, through HAProxy."""
@@ -212,8 +245,9 @@ def test_burst_of_10x_capacity(busy: Cluster) -> None:
     took = max(r.end_offset_s for r in calm.results) - min(r.sent_offset_s for r in calm.results)
     capacity = len(calm.results) / took
 
-    rss_before = replica_rss_mb(busy)
+    rss_before, refused_before = replica_rss_mb(busy), gateway_refusals(busy)
     results = burst(busy, rate=10 * capacity, seconds=4.0, max_tokens=32)
+    by_gateways = gateway_refusals(busy) - refused_before
     rss_during = replica_rss_mb(busy)
     time.sleep(2)
     rss_after = replica_rss_mb(busy)
@@ -229,6 +263,7 @@ def test_burst_of_10x_capacity(busy: Cluster) -> None:
         requests=len(results),
         completed=len(ok),
         refused_429=len(refused),
+        refused_by_gateways=int(by_gateways),  # the rest by HAProxy
         other_errors=len(others),
         refusal_ms_p50=_ms(refusal, 50),
         refusal_ms_p99=_ms(refusal, 99),
@@ -252,6 +287,47 @@ def test_burst_of_10x_capacity(busy: Cluster) -> None:
         assert httpx.get(f"{url}/healthz", timeout=5).json()["engine_unfinished_requests"] == 0
     grown = {k: rss_after[k] - v for k, v in rss_before.items() if k in rss_after}
     assert all(g < 200 for g in grown.values()), grown
+
+
+def test_a_full_cluster_is_shed_by_the_ingress_not_the_replicas(busy: Cluster) -> None:
+    """Every replica holds as many requests as HAProxy may hand it (uploads whose body
+    stalls past HAProxy's buffer, so they reach the gateway and stay there): the next
+    request gets HAProxy's own 429/3040 page, and no replica spent anything refusing it.
+    Once they go, requests are served again."""
+    per_replica = SLOTS + QUEUE_TOTAL + INGRESS_HEADROOM
+    half = 32 * 1024  # past HAProxy's 16 KiB request buffer: the request goes on at once
+    head = (
+        f"POST {RUN_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {2 * half}\r\n\r\n"
+    ).encode()
+    refused_before = gateway_refusals(busy)
+    stalled: list[socket.socket] = []
+    try:
+        for _ in range(per_replica * len(busy.replica_urls)):
+            sock = socket.create_connection(_address(busy.url), timeout=10)
+            stalled.append(sock)
+            sock.sendall(head + b" " * half)
+        deadline = time.monotonic() + 15
+        while True:  # until HAProxy has handed every upload on
+            started = time.monotonic()
+            r = httpx.post(busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi"}, timeout=30)
+            took = time.monotonic() - started
+            if r.status_code == 429 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        report("ingress_shed", held=len(stalled), status=r.status_code, answered_ms=took * 1000)
+        assert r.status_code == 429, r.text
+        assert r.headers["retry-after"] == "1" and r.json()["errors"][0]["code"] == 3040
+        assert gateway_refusals(busy) == refused_before  # HAProxy answered it alone
+    finally:
+        for sock in stalled:
+            sock.close()
+    deadline = time.monotonic() + 15
+    while (
+        ok := httpx.post(busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi"}, timeout=30)
+    ).status_code != 200:
+        assert time.monotonic() < deadline, ok.text
+        time.sleep(0.2)
 
 
 # -- rolling restart -----------------------------------------------------------------------
@@ -500,12 +576,15 @@ def record_burst(
     capacity = float(cap["request_throughput_rps"])
     rate = 10 * capacity
     before = replica_rss_mb(cluster)
+    cpu_before, refused_before = cluster_cpu_s(cluster), gateway_refusals(cluster)
     with RssWatch(cluster) as watch:
         burst_out = work / "burst.json"
         s = loadtest_cli(
             cluster, model, burst_out, output_len,
             "--rate", f"{rate:.1f}", "-n", str(int(rate * seconds)), "--workers", "2",
         )  # fmt: skip
+        cpu_burst = {k: round(v - cpu_before[k], 1) for k, v in cluster_cpu_s(cluster).items()}
+        by_gateway = int(gateway_refusals(cluster) - refused_before)
         time.sleep(15)
     after = replica_rss_mb(cluster)
     # The same burst again: memory that only warmed up the first time stays put.
@@ -532,6 +611,9 @@ def record_burst(
         "requests": s["requests"],
         "completed": s["completed"],
         "refused_429": s["rate_limited"],
+        # The rest of the 429s are HAProxy's (Settings.ingress_headroom).
+        "refused_by_gateways": by_gateway,
+        "cpu_s_during_burst": cpu_burst,
         "other_errors": kinds,
         "delivery": s.get("delivery"),
         "refusal_ms": {k: ms["refusal"].get(k) for k in ("p50", "p99", "max")},

@@ -195,11 +195,14 @@ class Ingress:
 
 @contextmanager
 def haproxy(
-    work: Path, apps: dict[str, tuple[str, int]], bind_host: str | None = None
+    work: Path,
+    apps: dict[str, tuple[str, int]],
+    bind_host: str | None = None,
+    server_maxconn: int | None = None,
 ) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
     with these apps (path prefix -> (name, replica port)), Serve's host 127.0.0.1;
-    `bind_host` as `write_haproxy_wrapper` takes it."""
+    `bind_host` and `server_maxconn` as `write_haproxy_wrapper` takes them."""
     port = free_port()
     cfg = ray_haproxy_config(work, port, apps)
     wrapper = write_haproxy_wrapper(
@@ -207,6 +210,7 @@ def haproxy(
         HTTP_REQUEST_TIMEOUT_S,
         real_haproxy_binary(),
         bind_host=bind_host,
+        server_maxconn=server_maxconn,
     )
     log = (work / "haproxy.log").open("wb")
     proc = subprocess.Popen([str(wrapper), "-f", str(cfg), "-db"], stdout=log, stderr=log)

@@ -110,6 +110,24 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 {{- toYaml $config -}}
 {{- end -}}
 
+{{/* Settings.ingress_server_maxconn from the values: min(max_inflight_per_replica, the
+served model's max_num_seqs) + queue_max_total + ingress_headroom; 0 when shedding is off.
+Absent keys take the Settings defaults. */}}
+{{- define "batchserve.ingressMaxconn" -}}
+{{- $s := .Values.serve.settings -}}
+{{- $engine := (index $s.models 0).engine | default dict -}}
+{{- $pick := dict -}}
+{{- range $key, $default := dict "max_inflight_per_replica" 256 "queue_max_total" 256 "ingress_headroom" 16 -}}
+{{- $_ := set $pick $key (ternary (index $s $key) $default (hasKey $s $key)) -}}
+{{- end -}}
+{{- $seqs := ternary (index $engine "max_num_seqs") 256 (hasKey $engine "max_num_seqs") -}}
+{{- if and (hasKey $s "ingress_shedding") (not $s.ingress_shedding) -}}
+0
+{{- else -}}
+{{- add (min (int $pick.max_inflight_per_replica) (int $seqs)) (int $pick.queue_max_total) (int $pick.ingress_headroom) -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Environment of every Ray container. */}}
 {{- define "batchserve.rayEnv" -}}
 # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app (no proxy-actor hop).
@@ -123,6 +141,10 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
   value: {{ .Values.monitoring.replicaMetricsPort | int | toString | quote }}
 {{- end }}
+# Load shedding at HAProxy (serve/ingress.py): requests one replica is handed at once, as
+# Settings.ingress_server_maxconn computes it (0: no limit).
+- name: BATCHSERVE_HAPROXY_SERVER_MAXCONN
+  value: {{ include "batchserve.ingressMaxconn" . | quote }}
 {{- if .Values.redis.enabled }}
 # The in-chart Redis with its password (from the Secret; Kubernetes expands $(REDIS_PASSWORD)).
 - name: REDIS_PASSWORD

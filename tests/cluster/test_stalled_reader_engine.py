@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
@@ -58,20 +57,25 @@ PROMPTS = ["Tell me about the sea.", "What is a fox?", "Count to ten.", "hello w
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VllmEngine]:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    model_dir = build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-stall"))
-    spec = cpu_catalog(str(model_dir), embedded=False)[0]
-    # What compose_replica passes, with the cluster tier's KV cache size.
-    built = VllmEngine(spec, cpu_kv_cache_gib=1)
-    try:
-        yield built
-    finally:
-        built.shutdown()
-        # AsyncLLM.__del__ shuts down again; left to interpreter exit, vLLM's module
-        # globals are gone by then and it prints a TypeError. Collect it now.
-        del built._llm
-        gc.collect()
+    with pytest.MonkeyPatch.context() as env:
+        # What the replica's environment holds (VllmEngine would set the last two for
+        # good), undone afterwards for the tests that run after this module.
+        env.setenv("HF_HUB_OFFLINE", "1")
+        env.setenv("TRANSFORMERS_OFFLINE", "1")
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        env.setenv("VLLM_CONFIGURE_LOGGING", "0")
+        model_dir = build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-stall"))
+        spec = cpu_catalog(str(model_dir), embedded=False)[0]
+        # What compose_replica passes, with the cluster tier's KV cache size.
+        built = VllmEngine(spec, cpu_kv_cache_gib=1)
+        try:
+            yield built
+        finally:
+            built.shutdown()
+            # AsyncLLM.__del__ shuts down again; left to interpreter exit, vLLM's module
+            # globals are gone by then and it prints a TypeError. Collect it now.
+            del built._llm
+            gc.collect()
 
 
 def metric(name: str, **extra: str) -> float:

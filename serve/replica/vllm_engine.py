@@ -65,6 +65,11 @@ class VllmEngine:
         # through the root logger, as every other library's do. Set in the environment so
         # the engine's own processes inherit it.
         os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+        # oneDNN's process-wide primitive cache (up to 1,024 kernels, one per new batch
+        # shape) grew the CPU engine's Worker by 160-220 MB over 8 load bursts, a little
+        # more each burst; vLLM's CPU matmuls keep their own cache per layer, and with this
+        # one off the engine stayed flat (RELIABILITY.md, "A burst of 10x capacity").
+        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine_args = _engine_args(spec, otlp_traces_endpoint)

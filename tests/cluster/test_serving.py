@@ -215,3 +215,19 @@ def test_serve_keeps_writing_each_replicas_log(cluster: Cluster) -> None:
         time.sleep(0.1)
     for pid in before:
         assert tail(pid).count("POST /client/v4/accounts/") >= 3, (pid, tail(pid)[-500:])
+
+
+def test_engines_run_without_onednns_global_primitive_cache(cluster: Cluster) -> None:
+    """oneDNN's process-wide primitive cache grew each CPU engine by 160-220 MB over 8 load
+    bursts (flat without it; RELIABILITY.md): every engine process the replicas started
+    (EngineCore, Worker) runs with it off."""
+    engines = [
+        child
+        for pid in replica_actors(cluster)
+        for child in psutil.Process(pid).children(recursive=True)
+    ]
+    assert len(engines) >= 2 * len(cluster.replica_urls), engines
+    for proc in engines:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            env = proc.environ()
+            assert env.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY") == "0", (proc.pid, proc.name())

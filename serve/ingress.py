@@ -37,6 +37,13 @@ The lines added:
   rule in `http_frontend` turns their `text/plain` 404 into the page; the gateway's own
   404s are JSON and pass).
 
+- load shedding: `maxconn` on each backend's `default-server` (engine slots +
+  `queue_max_total` + `ingress_headroom`, `Settings.ingress_server_maxconn`; the wrapper's
+  environment may override it with MAXCONN_ENV, which the chart sets) and a rule answering
+  the 429 page while no replica has a free place. A replica refusing a request spends about
+  2 ms of CPU on it, HAProxy a tenth of that, so a flood beyond what the replicas can run or
+  queue is turned away before it reaches them.
+
 `soft_stop` ends HAProxy the way its own reloads retire a worker (SIGUSR1): it closes its
 listeners at once (a new connection is refused, which any client may retry), answers the
 requests it holds, each with `Connection: close`, and exits when the last one is done.

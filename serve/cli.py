@@ -166,11 +166,6 @@ def cmd_up(ns: argparse.Namespace) -> int:
     settings, token = up_settings(ns, base)
     # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
-    # Serve runs a replica's own code on a second event loop in another thread by default,
-    # so every request and every streamed chunk crosses threads; on Serve's one loop the
-    # replica streamed about 9 % more tokens/s at 8 and 32 streams and spent 17 % less CPU
-    # per refused request (BENCHMARKS.md, "One event loop per replica").
-    os.environ.setdefault("RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "0")
     # Direct ingress keeps a stopping replica draining for 30 s by default; locally,
     # Ctrl-C should not take that long.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")

@@ -32,8 +32,7 @@ SERVE_CONFIG_HEADER = """\
 # GENERATED from helm/batchserve/values.yaml by `make chart-sync` -- do not edit by hand.
 # It is the chart's serveConfigV2 with default values; tests/chart fails when the two differ.
 #
-# On a running Ray cluster (every node started with RAY_SERVE_ENABLE_HA_PROXY=1 and
-# RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0, as the images set them):
+# On a running Ray cluster (every node started with RAY_SERVE_ENABLE_HA_PROXY=1):
 #   serve deploy deploy/serve-config.yaml     # or: serve run deploy/serve-config.yaml
 # `args` are serve/settings.py Settings fields; the paths are those of the images in deploy/
 # (model cache at /models, tenants file mounted under /etc/batchserve/tenants).

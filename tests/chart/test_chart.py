@@ -493,7 +493,6 @@ def test_gpu_workers_and_cpu_head(profiles: dict[str, list[dict[str, Any]]]) -> 
     assert mounts["tenants"] == "/etc/batchserve/tenants"
     env = {e["name"]: e for e in c["env"]}
     assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1"
-    assert env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"]["value"] == "0"  # one event loop
     assert env[SERVE_CALLBACK_ENV]["value"] == SERVE_CALLBACK  # x-request-id sanitised
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
     # Long enough for the replica's own drain (graceful_shutdown_timeout_s) to finish first.

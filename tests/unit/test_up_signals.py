@@ -78,7 +78,6 @@ def test_the_first_signal_drains_then_stops(
     assert FakeCluster.instances[0].calls == ["start", "drain", "drained", "stop", "stopped"]
     out = capsys.readouterr().out
     assert "draining the replicas (up to 5 s" in out and "stopping batchserve ..." in out
-    assert os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
 
 
 def test_a_second_signal_during_the_drain_stops_at_once(

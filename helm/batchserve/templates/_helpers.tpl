@@ -133,10 +133,6 @@ Absent keys take the Settings defaults. */}}
 # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app (no proxy-actor hop).
 - name: RAY_SERVE_ENABLE_HA_PROXY
   value: "1"
-# The replica's code on Serve's own event loop, not a second one in another thread: no
-# thread crossing per request and per streamed chunk (BENCHMARKS.md, "One event loop").
-- name: RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD
-  value: "0"
 # Serve echoes a client's x-request-id itself: our middleware sanitises it first.
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: serve.gateway.request_id:serve_http_middlewares

@@ -163,38 +163,38 @@ def test_trickled_headers_and_body_are_cut_off_by_the_ingress(busy: Cluster) -> 
 # -- a burst of 10x capacity -----------------------------------------------------------
 
 
-def replica_rss_mb(cluster: Cluster) -> dict[str, float]:
-    """RSS in MB of every replica actor (gateway + AsyncLLM front end), of its vLLM engine
-    processes together, and of HAProxy."""
-    out: dict[str, float] = {}
+def cluster_processes(cluster: Cluster) -> Iterator[tuple[str, int, psutil.Process]]:
+    """(role, owner pid, process): each replica actor (`replica`, gateway + AsyncLLM front
+    end), each of its vLLM engine processes (`engine`, owned by the actor) and HAProxy."""
     for proc in psutil.Process(cluster.pid).children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            line = " ".join(proc.cmdline())
-            if "ServeReplica:" in line:
-                engine = sum(p.memory_info().rss for p in proc.children(recursive=True))
-                out[f"replica {proc.pid}"] = round(proc.memory_info().rss / 2**20, 1)
-                out[f"engine of {proc.pid}"] = round(engine / 2**20, 1)
+            if "ServeReplica:" in " ".join(proc.cmdline()):
+                yield "replica", proc.pid, proc
+                for child in proc.children(recursive=True):
+                    yield "engine", proc.pid, child
             elif proc.name() == "haproxy":
-                out[f"haproxy {proc.pid}"] = round(proc.memory_info().rss / 2**20, 1)
-    return out
+                yield "haproxy", proc.pid, proc
+
+
+def replica_rss_mb(cluster: Cluster) -> dict[str, float]:
+    """RSS in MB of every replica actor, of its vLLM engine processes together, and of
+    HAProxy."""
+    rss: dict[str, int] = {}
+    for role, owner, proc in cluster_processes(cluster):
+        key = f"{'engine of' if role == 'engine' else role} {owner}"
+        with contextlib.suppress(psutil.Error):
+            rss[key] = rss.get(key, 0) + proc.memory_info().rss
+    return {key: round(b / 2**20, 1) for key, b in rss.items()}
 
 
 def cluster_cpu_s(cluster: Cluster) -> dict[str, float]:
     """CPU seconds (user + system) used so far by the replica actors, their vLLM engine
     processes and HAProxy, each role summed over replicas."""
-    out = {"replicas": 0.0, "engines": 0.0, "haproxy": 0.0}
-    for proc in psutil.Process(cluster.pid).children(recursive=True):
+    out = {"replica": 0.0, "engine": 0.0, "haproxy": 0.0}
+    for role, _, proc in cluster_processes(cluster):
         with contextlib.suppress(psutil.Error):
-            line = " ".join(proc.cmdline())
-            if "ServeReplica:" in line:
-                for role, p in [("replicas", proc)] + [
-                    ("engines", c) for c in proc.children(recursive=True)
-                ]:
-                    t = p.cpu_times()
-                    out[role] += t.user + t.system
-            elif proc.name() == "haproxy":
-                t = proc.cpu_times()
-                out["haproxy"] += t.user + t.system
+            t = proc.cpu_times()
+            out[role] += t.user + t.system
     return out
 
 

@@ -259,6 +259,7 @@ def _use_haproxy_wrapper(settings: Settings) -> None:
         real_binary=configured,
         bind_host=settings.host,
         server_maxconn=settings.ingress_server_maxconn,
+        tenant_maxconn=settings.ingress_tenant_maxconn,
     )
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
 

@@ -42,7 +42,13 @@ The lines added:
   environment may override it with MAXCONN_ENV, which the chart sets) and a rule answering
   the 429 page while no replica has a free place. A replica refusing a request spends about
   2 ms of CPU on it, HAProxy a tenth of that, so a flood beyond what the replicas can run or
-  queue is turned away before it reaches them.
+  queue is turned away before it reaches them. The same for one tenant: a stick table
+  counts each `Authorization` header's requests in flight (by its hash), and beyond
+  `Settings.ingress_tenant_maxconn` per replica up (what a replica's admission can run or
+  queue for one tenant, plus the headroom; TENANT_MAXCONN_ENV overrides it) HAProxy answers
+  a 429 page of its own ("too many requests in flight for this tenant"), so one tenant's
+  flood is not refused one by one by the replicas either. Each HAProxy counts only what
+  passes through it, so with several (one per node) a tenant is shed later, never sooner.
 
 `soft_stop` ends HAProxy the way its own reloads retire a worker (SIGUSR1): it closes its
 listeners at once (a new connection is refused, which any client may retry), answers the
@@ -79,7 +85,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serve.ingress_errors import errorfile_lines, pages_dir, write_error_pages
+from serve.ingress_errors import TENANT_PAGE, errorfile_lines, pages_dir, write_error_pages
 
 if TYPE_CHECKING:
     import psutil
@@ -121,26 +127,76 @@ def side_bind_edits(bind_host: str | None) -> list[str]:
     ]
 
 
-# The wrapper's environment may override the limit it was written with (the chart
-# computes it from its values; the images' wrapper was written with the defaults): a
+# The wrapper's environment may override the limits it was written with (the chart
+# computes them from its values; the images' wrapper was written with the defaults): a
 # number of requests per replica, 0 for none.
 MAXCONN_ENV = "BATCHSERVE_HAPROXY_SERVER_MAXCONN"
+TENANT_MAXCONN_ENV = "BATCHSERVE_HAPROXY_TENANT_MAXCONN"
+# One tenant's requests in flight through this HAProxy, by a hash of the request's
+# `Authorization` header (the table never holds a token). A tracker set by an
+# `http-request` rule lives as long as its request, so `conn_cur` counts requests, also
+# on kept-alive connections. A request without the header is not counted (the gateway
+# answers it 401).
+TENANT_TABLE = "stick-table type integer size 100k expire 60s store conn_cur"
+TENANT_TRACK = (
+    "http-request track-sc2 req.hdr(authorization),xxh64 if { req.hdr(authorization) -m found }"
+)
+TENANT_CAP_VAR = "txn.batchserve_tenant_cap"
 
 
-def shed_script(server_maxconn: int | None) -> str:
-    """Shell lines giving every replica (each backend's `default-server`) `maxconn` and
-    answering 429 in that backend while none has a free slot: `server_maxconn`, or the
-    value of MAXCONN_ENV when set; nothing when that is 0 or not a number."""
-    if server_maxconn is not None and server_maxconn < 1:
-        raise ValueError(f"a replica must take at least one request, not {server_maxconn}")
-    limit = r"s/^\( *default-server .*\)$/\1 maxconn "
-    rule = rf"/^ *default-server /a\    {SHED_RULE}"
-    return f"""  maxconn=${{{MAXCONN_ENV}-{server_maxconn or 0}}}
-  case $maxconn in ''|*[!0-9]*) maxconn=0 ;; esac
-  if [ "$maxconn" -gt 0 ]; then
-    sed -i -e {shlex.quote(limit)}"$maxconn"/ -e {shlex.quote(rule)} "$cfg"
+def tenant_rule(page: Path) -> str:
+    """The rule answering `page` to a request of a tenant already holding its cap
+    (TENANT_CAP_VAR, per replica up) in this backend."""
+    return (
+        f'http-request return status 429 errorfile "{page}"'
+        f" if {{ nbsrv gt 0 }} {{ sc2_conn_cur,sub({TENANT_CAP_VAR}) gt 0 }}"
+    )
+
+
+def _limit_from_env(var: str, env: str, default: int | None) -> str:
+    """Shell lines setting `var` to the value of `env` if set, else `default`; 0 when
+    that is not a number."""
+    return f"""  {var}=${{{env}-{default or 0}}}
+  case ${var} in ''|*[!0-9]*) {var}=0 ;; esac
+"""
+
+
+def shed_script(
+    server_maxconn: int | None,
+    tenant_maxconn: int | None = None,
+    tenant_page: Path | None = None,
+) -> str:
+    """Shell lines shedding load in every backend (after each `default-server` line):
+    every replica gets `maxconn` `server_maxconn` and the backend answers 429 while none
+    has a free slot; one tenant gets at most `tenant_maxconn` requests per replica up and
+    is answered `tenant_page` beyond that. MAXCONN_ENV and TENANT_MAXCONN_ENV override
+    the limits when set; a limit that is 0 or not a number is off."""
+    for limit in (server_maxconn, tenant_maxconn):
+        if limit is not None and limit < 1:
+            raise ValueError(f"a replica must take at least one request, not {limit}")
+    after = "/^ *default-server /a\\    "
+    per_server = r"s/^\( *default-server .*\)$/\1 maxconn "
+    script = _limit_from_env("maxconn", MAXCONN_ENV, server_maxconn)
+    script += f"""  if [ "$maxconn" -gt 0 ]; then
+    sed -i -e {shlex.quote(per_server)}"$maxconn"/ -e {shlex.quote(after + SHED_RULE)} "$cfg"
   fi
 """
+    if tenant_page is None:
+        return script
+    # The cap's line is split around the shell's "$tenant".
+    cap = shlex.quote(after + f"http-request set-var({TENANT_CAP_VAR}) nbsrv,mul(")
+    edits = (
+        " ".join(f"-e {shlex.quote(after + line)}" for line in (TENANT_TABLE, TENANT_TRACK))
+        + f""" -e {cap}"$tenant"')' -e {shlex.quote(after + tenant_rule(tenant_page))}"""
+    )
+    script += _limit_from_env("tenant", TENANT_MAXCONN_ENV, tenant_maxconn)
+    return (
+        script
+        + f"""  if [ "$tenant" -gt 0 ]; then
+    sed -i {edits} "$cfg"
+  fi
+"""
+    )
 
 
 def real_haproxy_binary() -> str:
@@ -176,6 +232,7 @@ def wrapper_script(
     pages: dict[int, Path],
     bind_host: str | None = None,
     server_maxconn: int | None = None,
+    tenant_maxconn: int | None = None,
 ) -> str:
     lines = [
         CONFIG_MARKER,
@@ -208,7 +265,7 @@ for arg in "$@"; do
 done
 if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -qF {shlex.quote(CONFIG_MARKER)} "$cfg"; then
   sed -i {sed_args} "$cfg"
-{shed_script(server_maxconn)}fi
+{shed_script(server_maxconn, tenant_maxconn, pages[429].with_name(TENANT_PAGE))}fi
 exec {shlex.quote(real_binary)} "$@"
 """
 
@@ -220,14 +277,16 @@ def write_haproxy_wrapper(
     *,
     bind_host: str | None = None,
     server_maxconn: int | None = None,
+    tenant_maxconn: int | None = None,
 ) -> Path:
     """Write the error pages (`pages_dir(path)`) and the wrapper (mode 0755); return the
     wrapper's path. `bind_host`: where HAProxy's stats page and Prometheus exporter listen
     (None: Ray's every interface); `server_maxconn`: requests one replica is handed at
-    once, the rest answered 429/3040 by HAProxy (None: no limit)."""
+    once, the rest answered 429/3040 by HAProxy (None: no limit); `tenant_maxconn`: the
+    same for one tenant, per replica up."""
     path.parent.mkdir(parents=True, exist_ok=True)
     side_bind_edits(bind_host)  # refuse a bad host or limit before writing anything
-    shed_script(server_maxconn)
+    shed_script(server_maxconn, tenant_maxconn)
     pages = write_error_pages(pages_dir(path), http_request_timeout_s)
     script = wrapper_script(
         real_binary or real_haproxy_binary(),
@@ -235,6 +294,7 @@ def write_haproxy_wrapper(
         pages,
         bind_host,
         server_maxconn,
+        tenant_maxconn,
     )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(script)
@@ -264,8 +324,10 @@ def soft_stop(processes: Iterable[psutil.Process], timeout_s: float) -> list[psu
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m serve.ingress PATH [TIMEOUT_S [BIND_HOST]]`: write the wrapper (image
-    builds). Without BIND_HOST the stats page and Prometheus exporter keep Ray's binds
-    (every interface, as the images' Serve HTTP frontend on 0.0.0.0 is)."""
+    builds), with the load-shedding limits of the settings it is run with (the defaults
+    at build time; MAXCONN_ENV and TENANT_MAXCONN_ENV override them where it runs).
+    Without BIND_HOST the stats page and Prometheus exporter keep Ray's binds (every
+    interface, as the images' Serve HTTP frontend on 0.0.0.0 is)."""
     args = sys.argv[1:] if argv is None else argv
     if not 1 <= len(args) <= 3:
         print(
@@ -275,9 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from serve.settings import Settings
 
-    timeout_s = int(args[1]) if len(args) >= 2 else Settings().http_request_timeout_s
+    settings = Settings()
+    timeout_s = int(args[1]) if len(args) >= 2 else settings.http_request_timeout_s
     bind_host = args[2] if len(args) == 3 else None
-    print(write_haproxy_wrapper(Path(args[0]), timeout_s, bind_host=bind_host))
+    wrapper = write_haproxy_wrapper(
+        Path(args[0]),
+        timeout_s,
+        bind_host=bind_host,
+        server_maxconn=settings.ingress_server_maxconn,
+        tenant_maxconn=settings.ingress_tenant_maxconn,
+    )
+    print(wrapper)
     return 0
 
 

@@ -4,7 +4,8 @@ When HAProxy cannot hand a request to a replica, or the replica goes away before
 answered, HAProxy answers on its own: 502 when the replica closed the connection without a
 response (its actor was killed), 503 when no replica could be reached, 504 when `timeout
 server` expired, 408 when a body did not arrive within `timeout http-request`, 500 on an
-internal error, and 403 / 429 should a deny rule ever be added. Its own pages are
+internal error, 429 when its load shedding refuses a request (`serve.ingress`), and 403
+should a deny rule ever be added. Its own pages are
 `text/plain` or HTML, and Ray 2.60 replaces 502/503/504 with a single `text/plain` 500
 ("Internal Server Error"). One HAProxy frontend serves both dialects and an `errorfile` is
 static, so each page here is one JSON object that is an error envelope of both dialects at
@@ -15,7 +16,8 @@ code the gateway uses for the same situation:
   under an in-flight request;
 - 503: no replica reachable: 3040 with `Retry-After`, like a cluster out of capacity;
 - 504 and 408: 3007 `timeout_error`, like the gateway's request and body timeouts;
-- 400 / 501: 5006 `invalid_request_error`; 500: 3008; 403: 10000; 429: 3040.
+- 400 / 501: 5006 `invalid_request_error`; 500: 3008; 403: 10000; 429: 3040, and
+  TENANT_PAGE, another 429/3040 whose message names the tenant's own excess.
 
 `result` is null in all of them: the gateway never answered. The wrapper of
 `serve.ingress` removes Ray's `errorfile` lines (for one code, the last `errorfile` in a
@@ -119,28 +121,47 @@ def ingress_errors(http_request_timeout_s: int) -> list[IngressError]:
     ]
 
 
+# The 429 page of a request over its tenant's share of the ingress (serve/ingress.py): a
+# tenant's own excess, as the gateway's "too many queued requests" refusal says.
+TENANT_PAGE = "429-tenant.http"
+
+
+def tenant_refusal() -> IngressError:
+    return IngressError(
+        429,
+        OutOfCapacity,
+        "Rate limited: too many requests in flight for this tenant, please try again.",
+        retry_after_s=1.0,
+    )
+
+
 def pages_dir(wrapper: Path) -> Path:
     """Where the pages of the wrapper at `wrapper` live: next to it."""
     return wrapper.with_name(wrapper.name + "-errors")
 
 
 def write_error_pages(directory: Path, http_request_timeout_s: int) -> dict[int, Path]:
-    """Write one `<status>.http` file per status (absolute paths, by status)."""
+    """Write one `<status>.http` file per status, and TENANT_PAGE, into `directory`;
+    return the absolute paths of the former, by status."""
     directory = directory.absolute()
     if any(c in str(directory) for c in _UNSAFE_IN_PATH):
         raise ValueError(f"HAProxy error pages cannot live under {str(directory)!r}")
     directory.mkdir(parents=True, exist_ok=True)
-    pages = {}
-    for err in ingress_errors(http_request_timeout_s):
-        raw = raw_error_response(err)
-        if len(raw) >= MAX_PAGE_BYTES:
-            raise ValueError(f"the {err.status} page is {len(raw)} bytes, HAProxy's limit is lower")
-        path = directory / f"{err.status}.http"
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(raw)
-        os.replace(tmp, path)
-        pages[err.status] = path
-    return pages
+    _write_page(directory / TENANT_PAGE, tenant_refusal())
+    return {
+        err.status: _write_page(directory / f"{err.status}.http", err)
+        for err in ingress_errors(http_request_timeout_s)
+    }
+
+
+def _write_page(path: Path, err: IngressError) -> Path:
+    raw = raw_error_response(err)
+    if len(raw) >= MAX_PAGE_BYTES:
+        raise ValueError(f"the {path.name} page is {len(raw)} bytes, HAProxy's limit is lower")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+    return path
 
 
 def errorfile_lines(pages: dict[int, Path]) -> list[str]:

@@ -197,10 +197,11 @@ class Settings(BaseSettings):
     # excess costs milliseconds and memory stays bounded however many tenants burst.
     queue_max_total: int = Field(default=256, ge=0)
     # Load shedding at the ingress: HAProxy hands one replica at most engine slots +
-    # queue_max_total + this many requests at once and answers the rest 429/3040 itself,
-    # in well under a millisecond, so a flood beyond what the replicas can queue never
-    # costs them the ~2 ms of CPU a refusal takes there (serve/ingress.py). The headroom
-    # is for requests being refused, health and model listings.
+    # queue_max_total + this many requests at once, and one tenant at most what a replica
+    # can run or queue for it + this many per replica up, and answers the rest 429/3040
+    # itself, in well under a millisecond, so a flood beyond what the replicas can queue
+    # never costs them the ~2 ms of CPU a refusal takes there (serve/ingress.py). The
+    # headroom is for requests being refused, health and model listings.
     ingress_shedding: bool = True
     ingress_headroom: int = Field(default=16, ge=0)
     # Slots one tenant alone can never fill, so another tenant's first request starts at
@@ -262,6 +263,21 @@ class Settings(BaseSettings):
         if not self.ingress_shedding:
             return None
         return self.engine_slots + self.queue_max_total + self.ingress_headroom
+
+    @property
+    def ingress_tenant_maxconn(self) -> int | None:
+        """Requests of one tenant (one `Authorization` header) HAProxy hands the replicas
+        at once, per replica up (None: no limit): what one replica's admission can run or
+        queue for a single tenant (its engine slots less the reserved ones, plus the
+        tenant's queue), plus `ingress_headroom`."""
+        if not self.ingress_shedding:
+            return None
+        return (
+            self.engine_slots
+            - self.reserved_slots
+            + self.queue_max_per_tenant
+            + self.ingress_headroom
+        )
 
     @property
     def reserved_slots(self) -> int:

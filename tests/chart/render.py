@@ -38,8 +38,9 @@ SERVE_CONFIG_HEADER = """\
 # (model cache at /models, tenants file mounted under /etc/batchserve/tenants).
 # The chart's own Redis is not in `args`: its pods get BATCHSERVE_REDIS_URL (with the password)
 # from a Secret. Set that variable on every node (or add `redis_url`) for several replicas.
-# HAProxy's per-replica limit (load shedding) is the images' default for these args; the chart
-# sets BATCHSERVE_HAPROXY_SERVER_MAXCONN on every node when the values change it (0: no limit).
+# HAProxy's load-shedding limits in the images are those of the default settings, which these
+# args keep; the chart sets BATCHSERVE_HAPROXY_SERVER_MAXCONN and BATCHSERVE_HAPROXY_TENANT_MAXCONN
+# on every node from its values (0: no limit). Set them likewise when you change the args.
 """
 
 

@@ -408,21 +408,28 @@ def _ray_env(docs: list[dict[str, Any]], name: str) -> set[str]:
         {"ingress_headroom": 3, "queue_max_total": 0},
         {"max_inflight_per_replica": 9},
         {"ingress_shedding": False},
+        {"queue_reserved_slots": 5, "queue_max_per_tenant": 0},
+        {"queue_reserved_slots": 900, "max_inflight_per_replica": 40},
+        {"queue_reserved_slots": None, "max_inflight_per_replica": 33},
     ],
 )
-def test_haproxy_gets_the_replica_limit_the_settings_compute(
+def test_haproxy_gets_the_limits_the_settings_compute(
     settings: dict[str, Any],
 ) -> None:
     """The images' HAProxy wrapper was written with the default settings: every Ray
-    container gets the limit these values make (serve/ingress.py MAXCONN_ENV)."""
-    from serve.ingress import MAXCONN_ENV
+    container gets the limits these values make (serve/ingress.py MAXCONN_ENV and
+    TENANT_MAXCONN_ENV)."""
+    from serve.ingress import MAXCONN_ENV, TENANT_MAXCONN_ENV
 
     for profile in PROFILES:
         values = merged(profile_values(profile), {"serve": {"settings": settings}})
         docs = documents(values)
         args = _serve_config(docs)["applications"][0]["args"]
-        expect = Settings.model_validate(args).ingress_server_maxconn or 0
+        computed = Settings.model_validate(args)
+        expect = computed.ingress_server_maxconn or 0
         assert _ray_env(docs, MAXCONN_ENV) == {str(expect)}, (profile, settings)
+        expect = computed.ingress_tenant_maxconn or 0
+        assert _ray_env(docs, TENANT_MAXCONN_ENV) == {str(expect)}, (profile, settings)
 
 
 def test_gateway_settings_from_values_reach_the_application() -> None:
@@ -438,7 +445,10 @@ def test_deploy_serve_config_is_generated_from_the_chart() -> None:
 
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     (app,) = ServeDeploySchema.model_validate(config).applications
-    Settings.model_validate(app.args)
+    settings = Settings.model_validate(app.args)
+    # Its header says the images' HAProxy limits (the default settings') fit these args.
+    assert settings.ingress_server_maxconn == Settings().ingress_server_maxconn
+    assert settings.ingress_tenant_maxconn == Settings().ingress_tenant_maxconn
 
 
 # --- security, resources, GPUs ------------------------------------------------------

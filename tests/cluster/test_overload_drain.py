@@ -290,16 +290,21 @@ def test_burst_of_10x_capacity(busy: Cluster) -> None:
 
 
 def test_a_full_cluster_is_shed_by_the_ingress_not_the_replicas(busy: Cluster) -> None:
-    """Every replica holds as many requests as HAProxy may hand it (uploads whose body
-    stalls past HAProxy's buffer, so they reach the gateway and stay there): the next
-    request gets HAProxy's own 429/3040 page, and no replica spent anything refusing it.
-    Once they go, requests are served again."""
+    """Every replica holds as many requests as HAProxy may hand it (one tenant's uploads
+    whose body stalls past HAProxy's buffer, so they reach the gateway and stay there):
+    another tenant's next request gets HAProxy's own 429/3040 page, that tenant's gets the
+    page for its own excess (its share is the same here: the slots, its queue and the
+    headroom), and no replica spent anything refusing them. Once they go, requests are
+    served again."""
     per_replica = SLOTS + QUEUE_TOTAL + INGRESS_HEADROOM
     half = 32 * 1024  # past HAProxy's 16 KiB request buffer: the request goes on at once
     head = (
         f"POST {RUN_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {2 * half}\r\n\r\n"
     ).encode()
+    other_token, other_account = TENANTS["a"]
+    other = {"Authorization": f"Bearer {other_token}"}
+    other_path = f"/client/v4/accounts/{other_account}/ai/run/{MODEL}"
     refused_before = gateway_refusals(busy)
     stalled: list[socket.socket] = []
     try:
@@ -310,7 +315,7 @@ def test_a_full_cluster_is_shed_by_the_ingress_not_the_replicas(busy: Cluster) -
         deadline = time.monotonic() + 15
         while True:  # until HAProxy has handed every upload on
             started = time.monotonic()
-            r = httpx.post(busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi"}, timeout=30)
+            r = httpx.post(busy.url + other_path, headers=other, json={"prompt": "hi"}, timeout=30)
             took = time.monotonic() - started
             if r.status_code == 429 or time.monotonic() > deadline:
                 break
@@ -318,7 +323,12 @@ def test_a_full_cluster_is_shed_by_the_ingress_not_the_replicas(busy: Cluster) -
         report("ingress_shed", held=len(stalled), status=r.status_code, answered_ms=took * 1000)
         assert r.status_code == 429, r.text
         assert r.headers["retry-after"] == "1" and r.json()["errors"][0]["code"] == 3040
-        assert gateway_refusals(busy) == refused_before  # HAProxy answered it alone
+        assert r.json()["errors"][0]["message"].startswith("Capacity temporarily exceeded")
+        # The tenant holding every place: refused for its own excess.
+        r = httpx.post(busy.url + RUN_PATH, headers=AUTH, json={"prompt": "hi"}, timeout=30)
+        assert r.status_code == 429 and r.json()["errors"][0]["code"] == 3040, r.text
+        assert "too many requests in flight for this tenant" in r.json()["errors"][0]["message"]
+        assert gateway_refusals(busy) == refused_before  # HAProxy answered them alone
     finally:
         for sock in stalled:
             sock.close()

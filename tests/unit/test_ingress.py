@@ -12,12 +12,14 @@ import pytest
 from serve.cli import _use_haproxy_wrapper
 from serve.ingress import (
     CONFIG_MARKER,
+    MAXCONN_ENV,
     NOT_DEPLOYED_RULE,
+    TENANT_MAXCONN_ENV,
     is_wrapper,
     real_haproxy_binary,
     write_haproxy_wrapper,
 )
-from serve.ingress_errors import pages_dir
+from serve.ingress_errors import TENANT_PAGE, pages_dir
 from serve.settings import Settings
 from tests.ports import free_port
 
@@ -47,12 +49,12 @@ STATUSES = (400, 403, 408, 429, 500, 501, 502, 503, 504)
 def ray_haproxy_config(
     work: Path,
     frontend_port: int,
-    servers: dict[str, tuple[str, int]],
+    servers: dict[str, tuple[str, int | tuple[int, ...]]],
     host: str = "127.0.0.1",
 ) -> Path:
     """The config Ray 2.60 itself renders (its own template and code, as its HAProxy
-    manager does) for one HTTP app per `servers` entry: path prefix -> (name, port),
-    with Serve's http_options on `host`."""
+    manager does) for one HTTP app per `servers` entry: path prefix -> (name, port, or
+    one port per replica), with Serve's http_options on `host`."""
     from ray.serve._private.haproxy import (
         BackendConfig,
         HAProxyApi,
@@ -78,9 +80,12 @@ def ray_haproxy_config(
                 name=name,
                 path_prefix=prefix,
                 app_name=name,
-                servers=[ServerConfig(name=f"{name}-1", host="127.0.0.1", port=port)],
+                servers=[
+                    ServerConfig(name=f"{name}-{i}", host="127.0.0.1", port=port)
+                    for i, port in enumerate((ports,) if isinstance(ports, int) else ports, 1)
+                ],
             )
-            for prefix, (name, port) in servers.items()
+            for prefix, (name, ports) in servers.items()
         }
     )
     api._generate_config_file_internal()
@@ -123,7 +128,9 @@ def test_wrapper_adds_its_lines_once_and_passes_every_argument(tmp_path: Path) -
     assert lines[front + 1] == f"    {NOT_DEPLOYED_RULE}"
     assert sum(NOT_DEPLOYED_RULE in line for line in lines) == 1
     assert lines[-1] == "    server s1 127.0.0.1:1"
-    assert sorted(p.name for p in pages.iterdir()) == [f"{s}.http" for s in STATUSES]
+    assert sorted(p.name for p in pages.iterdir()) == sorted(
+        [f"{s}.http" for s in STATUSES] + [TENANT_PAGE]
+    )
 
 
 def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_path: Path) -> None:
@@ -234,3 +241,8 @@ def test_main_takes_an_optional_bind_host(tmp_path: Path) -> None:
     assert main([str(tmp_path / "b" / "haproxy"), "3", "127.0.0.1"]) == 0
     assert "bind 127.0.0.1:" in (tmp_path / "b" / "haproxy").read_text()
     assert main([str(tmp_path / "c"), "3", "127.0.0.1", "extra"]) == 2
+    # The images' limits are the default settings' (the chart's environment overrides them).
+    script = (tmp_path / "a" / "haproxy").read_text()
+    defaults = Settings()
+    assert f"{MAXCONN_ENV}-{defaults.ingress_server_maxconn}}}" in script
+    assert f"{TENANT_MAXCONN_ENV}-{defaults.ingress_tenant_maxconn}}}" in script

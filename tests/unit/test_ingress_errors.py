@@ -196,13 +196,14 @@ class Ingress:
 @contextmanager
 def haproxy(
     work: Path,
-    apps: dict[str, tuple[str, int]],
+    apps: dict[str, tuple[str, int | tuple[int, ...]]],
     bind_host: str | None = None,
     server_maxconn: int | None = None,
+    tenant_maxconn: int | None = None,
 ) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
-    with these apps (path prefix -> (name, replica port)), Serve's host 127.0.0.1;
-    `bind_host` and `server_maxconn` as `write_haproxy_wrapper` takes them."""
+    with these apps (path prefix -> (name, replica port or ports)), Serve's host
+    127.0.0.1; the keywords as `write_haproxy_wrapper` takes them."""
     port = free_port()
     cfg = ray_haproxy_config(work, port, apps)
     wrapper = write_haproxy_wrapper(
@@ -211,6 +212,7 @@ def haproxy(
         real_haproxy_binary(),
         bind_host=bind_host,
         server_maxconn=server_maxconn,
+        tenant_maxconn=tenant_maxconn,
     )
     log = (work / "haproxy.log").open("wb")
     proc = subprocess.Popen([str(wrapper), "-f", str(cfg), "-db"], stdout=log, stderr=log)

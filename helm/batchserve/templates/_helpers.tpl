@@ -110,21 +110,53 @@ this by `make chart-sync`). `args` are serve/settings.py Settings fields.
 {{- toYaml $config -}}
 {{- end -}}
 
-{{/* Settings.ingress_server_maxconn from the values: min(max_inflight_per_replica, the
-served model's max_num_seqs) + queue_max_total + ingress_headroom; 0 when shedding is off.
-Absent keys take the Settings defaults. */}}
-{{- define "batchserve.ingressMaxconn" -}}
+{{/* Settings.engine_slots from the values: min(max_inflight_per_replica, the served
+model's max_num_seqs). Absent keys take the Settings defaults. */}}
+{{- define "batchserve.engineSlots" -}}
 {{- $s := .Values.serve.settings -}}
 {{- $engine := (index $s.models 0).engine | default dict -}}
-{{- $pick := dict -}}
-{{- range $key, $default := dict "max_inflight_per_replica" 256 "queue_max_total" 256 "ingress_headroom" 16 -}}
-{{- $_ := set $pick $key (ternary (index $s $key) $default (hasKey $s $key)) -}}
-{{- end -}}
+{{- $inflight := ternary (index $s "max_inflight_per_replica") 256 (hasKey $s "max_inflight_per_replica") -}}
 {{- $seqs := ternary (index $engine "max_num_seqs") 256 (hasKey $engine "max_num_seqs") -}}
+{{- min (int $inflight) (int $seqs) -}}
+{{- end -}}
+
+{{/* A setting from the values, or its Settings default when absent (hasKey: `default`
+would take 0 for absent). Call with (list .Values.serve.settings "key" default). */}}
+{{- define "batchserve.setting" -}}
+{{- $s := index . 0 -}}
+{{- $key := index . 1 -}}
+{{- ternary (index $s $key) (index . 2) (hasKey $s $key) -}}
+{{- end -}}
+
+{{/* Settings.ingress_server_maxconn from the values: engine slots + queue_max_total +
+ingress_headroom; 0 when shedding is off. */}}
+{{- define "batchserve.ingressMaxconn" -}}
+{{- $s := .Values.serve.settings -}}
 {{- if and (hasKey $s "ingress_shedding") (not $s.ingress_shedding) -}}
 0
 {{- else -}}
-{{- add (min (int $pick.max_inflight_per_replica) (int $seqs)) (int $pick.queue_max_total) (int $pick.ingress_headroom) -}}
+{{- $queue := include "batchserve.setting" (list $s "queue_max_total" 256) -}}
+{{- $headroom := include "batchserve.setting" (list $s "ingress_headroom" 16) -}}
+{{- add (int (include "batchserve.engineSlots" .)) (int $queue) (int $headroom) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Settings.ingress_tenant_maxconn from the values: engine slots - reserved slots
+(min(queue_reserved_slots, slots - 1), or slots / 16 when unset) + queue_max_per_tenant +
+ingress_headroom; 0 when shedding is off. */}}
+{{- define "batchserve.ingressTenantMaxconn" -}}
+{{- $s := .Values.serve.settings -}}
+{{- if and (hasKey $s "ingress_shedding") (not $s.ingress_shedding) -}}
+0
+{{- else -}}
+{{- $slots := int (include "batchserve.engineSlots" .) -}}
+{{- $reserved := div $slots 16 -}}
+{{- if and (hasKey $s "queue_reserved_slots") (not (kindIs "invalid" $s.queue_reserved_slots)) -}}
+{{- $reserved = min (int $s.queue_reserved_slots) (sub $slots 1) -}}
+{{- end -}}
+{{- $queue := include "batchserve.setting" (list $s "queue_max_per_tenant" 64) -}}
+{{- $headroom := include "batchserve.setting" (list $s "ingress_headroom" 16) -}}
+{{- add (sub $slots $reserved) (int $queue) (int $headroom) -}}
 {{- end -}}
 {{- end -}}
 
@@ -141,10 +173,13 @@ Absent keys take the Settings defaults. */}}
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
   value: {{ .Values.monitoring.replicaMetricsPort | int | toString | quote }}
 {{- end }}
-# Load shedding at HAProxy (serve/ingress.py): requests one replica is handed at once, as
-# Settings.ingress_server_maxconn computes it (0: no limit).
+# Load shedding at HAProxy (serve/ingress.py): requests one replica is handed at once, and
+# one tenant per replica up, as Settings.ingress_server_maxconn / ingress_tenant_maxconn
+# compute them (0: no limit).
 - name: BATCHSERVE_HAPROXY_SERVER_MAXCONN
   value: {{ include "batchserve.ingressMaxconn" . | quote }}
+- name: BATCHSERVE_HAPROXY_TENANT_MAXCONN
+  value: {{ include "batchserve.ingressTenantMaxconn" . | quote }}
 {{- if .Values.redis.enabled }}
 # The in-chart Redis with its password (from the Secret; Kubernetes expands $(REDIS_PASSWORD)).
 - name: REDIS_PASSWORD

@@ -198,15 +198,64 @@ def cluster_cpu_s(cluster: Cluster) -> dict[str, float]:
     return out
 
 
-def gateway_refusals(cluster: Cluster) -> float:
-    """429s the replicas' gateways have answered (`batchserve_rejections_total`)."""
+def replicas_counter(cluster: Cluster, family_name: str) -> float:
+    """A counter summed over every replica's `/metrics` (name without `_total`)."""
     total = 0.0
     for url in cluster.replica_urls:
         text = httpx.get(f"{url}/metrics", timeout=30).text
         for family in text_string_to_metric_families(text):
-            if family.name == "batchserve_rejections":
+            if family.name == family_name:
                 total += sum(s.value for s in family.samples if s.name.endswith("_total"))
     return total
+
+
+def gateway_refusals(cluster: Cluster) -> float:
+    """429s the replicas' gateways have answered (`batchserve_rejections_total`)."""
+    return replicas_counter(cluster, "batchserve_rejections")
+
+
+def unfinished(cluster: Cluster) -> int:
+    """Requests the replicas' engines hold."""
+    return sum(
+        int(httpx.get(f"{url}/healthz", timeout=30).json()["engine_unfinished_requests"])
+        for url in cluster.replica_urls
+    )
+
+
+def test_a_non_streaming_client_that_leaves_frees_its_engine_request(busy: Cluster) -> None:
+    """Nothing is written to a non-streaming client until its answer is whole, so only a
+    watch on the connection can see it leave (Serve's direct ingress keeps one per
+    request and cancels the request when it sees the client go): through HAProxy, the
+    engine request is aborted at once instead of generating to the end for nobody."""
+    body = {"prompt": LONG_PROMPTS[0], "max_tokens": 1000, "temperature": 0}
+    started = time.monotonic()
+    whole = httpx.post(busy.url + RUN_PATH, headers=AUTH, json=body, timeout=120)
+    full_s = time.monotonic() - started
+    assert whole.status_code == 200 and whole.json()["result"]["finish_reason"] == "length"
+    disconnects = replicas_counter(busy, "batchserve_client_disconnects")
+    # A small body: HAProxy (2.6 and 2.8) does not pass on the close of a client whose
+    # request body was about 30-47 KB (RELIABILITY.md, "A client that leaves").
+    raw = json.dumps(body).encode()
+    sock = socket.create_connection(_address(busy.url), timeout=10)
+    sock.sendall(
+        f"POST {RUN_PATH} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    deadline = time.monotonic() + 10
+    while unfinished(busy) == 0:
+        assert time.monotonic() < deadline, "the request never reached an engine"
+        time.sleep(0.02)
+    sock.close()
+    closed = time.monotonic()
+    while unfinished(busy) != 0:
+        assert time.monotonic() - closed < min(2.0, full_s / 2), "the engine request ran on"
+        time.sleep(0.02)
+    report("non_stream_client_gone", whole_s=full_s, aborted_after_s=time.monotonic() - closed)
+    deadline = time.monotonic() + 10
+    while replicas_counter(busy, "batchserve_client_disconnects") != disconnects + 1:
+        assert time.monotonic() < deadline, "the disconnect was not counted"
+        time.sleep(0.1)
 
 
 def burst(cluster: Cluster, rate: float, seconds: float, max_tokens: int) -> list[RequestResult]:

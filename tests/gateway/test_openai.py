@@ -519,3 +519,19 @@ async def test_workers_ai_response_format_extension(
     body = {"prompt": "hi", "response_format": {"type": "json_object"}}
     assert (await client.post(run, headers=AUTH, json=body)).status_code == 200
     assert engine.requests[-1].sampling.json_object
+
+
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+async def test_null_n_and_stream_mean_their_defaults(
+    client: httpx.AsyncClient, engine: FakeEngine, path: str
+) -> None:
+    """OpenAI documents `n` and `stream` as "or null"; clients that serialise every unset
+    field send null for them."""
+    prompt: dict[str, object] = (
+        {"messages": [{"role": "user", "content": "hi"}]} if path == CHAT else {"prompt": "hi"}
+    )
+    body = {"model": MODEL, **prompt, "n": None, "stream": None, "max_tokens": 3}
+    r = await client.post(path, headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
+    assert len(r.json()["choices"]) == 1 and len(engine.requests) == 1

@@ -20,6 +20,7 @@ from serve.replica.engine import (
     SamplingOptions,
     TokenDelta,
 )
+from serve.replica.engine_processes import EngineProcesses
 from serve.replica.prompting import encode_chat
 from serve.replica.watchdog import ProgressWatchdog
 from serve.settings import ModelSpec
@@ -88,6 +89,13 @@ class VllmEngine:
         # Liveness (`check_health`): outputs produced so far, all requests together.
         self._outputs = 0
         self._watchdog = ProgressWatchdog(stall_s)
+        # On the CPU backend one prefill step can outlast stall_s: the watchdog then also
+        # counts the engine processes' CPU time as progress (serve.replica.watchdog).
+        from vllm.platforms import current_platform
+
+        self._engine_processes: EngineProcesses | None = (
+            EngineProcesses() if current_platform.is_cpu() else None
+        )
         # The window is the smaller of the catalog's and what the engine really holds.
         window = min(spec.context_window, int(self._llm.model_config.max_model_len))
         self._info = EngineInfo(
@@ -183,7 +191,12 @@ class VllmEngine:
     async def check_health(self) -> None:
         """Dead engine (vLLM's flag) or a live one that stopped making progress."""
         await self._llm.check_health()
-        self._watchdog.check(unfinished=self.num_unfinished_requests(), outputs=self._outputs)
+        processes = self._engine_processes
+        self._watchdog.check(
+            unfinished=self.num_unfinished_requests(),
+            outputs=self._outputs,
+            busy_s=processes.cpu_seconds() if processes is not None else None,
+        )
 
     def shutdown(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)

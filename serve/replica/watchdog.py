@@ -8,6 +8,15 @@ work and the counter has not moved for `stall_s`, the engine is declared stalled
 the health check fails, so Serve replaces the replica. The gateway then ends every
 running generation at once with 408/3007 (`CompletionService.check_health`), or earlier
 at the request timeout if that comes first.
+
+One engine step can itself outlast `stall_s` on the CPU backend: there every prompt is
+prefilled in a single step (chunked prefill is off, `serve.replica.vllm_engine`), and
+one of 7,890 tokens took 43 s on 2 vCPUs with nothing else running, so two at once or a
+slower machine went past the 60 s default and a working replica was replaced with all
+its requests. So the engine may also report the CPU seconds its processes have used
+(`busy_s`): a reading in which they used at least `busy_share` of a core since the one
+before counts as progress too. A stopped EngineCore leaves its worker polling for work
+at about a tenth of a core (measured: 1.1 s in 10 s), so a stall is still seen.
 """
 
 from __future__ import annotations
@@ -29,19 +38,30 @@ class ProgressWatchdog:
     enough failed checks in a row to replace the replica.
     """
 
-    def __init__(self, stall_s: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        stall_s: float,
+        *,
+        busy_share: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stall_s = stall_s
+        self.busy_share = busy_share
         self._clock = clock
         self._outputs: int | None = None
+        # The last (time, busy_s) reading that reported CPU seconds.
+        self._busy: tuple[float, float] | None = None
         # Since when the engine has had work but produced nothing (None: not stalled).
         self._since: float | None = None
         # Unfinished requests when the stall was declared (None: no stall declared).
         self._declared_with: int | None = None
 
-    def check(self, *, unfinished: int, outputs: int) -> None:
-        """Raise `EngineStalled` if work has waited `stall_s` without any output."""
+    def check(self, *, unfinished: int, outputs: int, busy_s: float | None = None) -> None:
+        """Raise `EngineStalled` if work has waited `stall_s` without any output, nor
+        (when `busy_s`, the engine processes' CPU seconds so far, is given) the engine
+        computing in the meantime."""
         now = self._clock()
-        moved = outputs != self._outputs
+        moved = outputs != self._outputs or self._computed(now, busy_s)
         self._outputs = outputs
         if moved:
             self._declared_with = None
@@ -58,3 +78,13 @@ class ProgressWatchdog:
         if stalled >= self.stall_s:
             self._declared_with = unfinished
             raise EngineStalled(stalled, unfinished)
+
+    def _computed(self, now: float, busy_s: float | None) -> bool:
+        """Whether the engine used at least `busy_share` of a core since the last reading."""
+        if busy_s is None:  # not measured, or a different set of processes
+            self._busy = None
+            return False
+        last, self._busy = self._busy, (now, busy_s)
+        if last is None or now <= last[0]:
+            return False
+        return busy_s - last[1] >= self.busy_share * (now - last[0])

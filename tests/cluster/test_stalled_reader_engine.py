@@ -236,3 +236,22 @@ async def test_many_stalled_streams_memory(engine: VllmEngine) -> None:
     # Sane bounds only: nothing here should take gigabytes.
     assert during[0] - before[0] < 1024
     assert 0 < after[0] < 16 * 1024
+
+
+async def test_the_watchdog_reads_the_real_engines_cpu_time(engine: VllmEngine) -> None:
+    """On the CPU backend the health check reads the CPU time of vLLM's own processes
+    (serve/replica/engine_processes.py): they are found under this one by their titles,
+    and a generation moves the figure."""
+    processes = engine._engine_processes
+    assert processes is not None  # the CPU backend
+    processes.cpu_seconds()  # finds them (or they are already known)
+    names = processes.names()
+    assert any(n.startswith("VLLM::EngineCore") for n in names), names
+    assert any(n.startswith("VLLM::Worker") for n in names), names
+    before = processes.cpu_seconds()
+    assert before is not None
+    async for _ in stream(engine, await request(engine, "cpu", "Tell me about the sea.", 300)):
+        pass
+    after = processes.cpu_seconds()
+    assert after is not None and after - before > 0.05, (before, after)
+    await engine.check_health()

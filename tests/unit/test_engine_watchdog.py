@@ -104,6 +104,7 @@ async def test_vllm_engine_health_check_consults_the_watchdog(clock: Clock) -> N
     engine._llm = StoppedLLM(unfinished=2)
     engine._outputs = 10
     engine._watchdog = ProgressWatchdog(30.0, clock=clock)
+    engine._engine_processes = None  # not the CPU backend: outputs only
     await engine.check_health()
     clock.now += 31
     with pytest.raises(EngineStalled):
@@ -138,3 +139,81 @@ def test_a_declared_stall_outlives_the_timed_out_requests(
     dog.check(unfinished=0, outputs=6)  # it produced something: healthy again
     clock.now += 100
     dog.check(unfinished=0, outputs=6)
+
+
+# -- a long engine step (the CPU backend): the engine's CPU time counts as progress -------
+
+
+def test_a_step_longer_than_stall_s_is_not_a_stall_while_the_engine_computes(
+    dog: ProgressWatchdog, clock: Clock
+) -> None:
+    """One prefill of 7,890 tokens took 43 s on 2 vCPUs: no output meanwhile, but the
+    worker used a whole core."""
+    busy = 50.0
+    dog.check(unfinished=1, outputs=3, busy_s=busy)
+    for _ in range(12):  # 120 s without an output
+        clock.now += 10
+        busy += 9.9
+        dog.check(unfinished=1, outputs=3, busy_s=busy)
+
+
+def test_an_engine_that_polls_but_does_not_compute_is_still_stalled(
+    dog: ProgressWatchdog, clock: Clock
+) -> None:
+    """A SIGSTOPped EngineCore: its worker keeps polling for work at about a tenth of a
+    core (1.1 s in 10 s, measured), below the half a core that counts as computing."""
+    busy = 50.0
+    dog.check(unfinished=1, outputs=3, busy_s=busy)
+    for _ in range(2):
+        clock.now += 10
+        busy += 1.1
+        dog.check(unfinished=1, outputs=3, busy_s=busy)
+    clock.now += 10
+    busy += 1.1
+    with pytest.raises(EngineStalled):
+        dog.check(unfinished=1, outputs=3, busy_s=busy)
+
+
+def test_a_reading_across_changed_processes_is_not_progress(
+    dog: ProgressWatchdog, clock: Clock
+) -> None:
+    """`busy_s` None (the engine's processes changed) drops the baseline: the next sum,
+    of other processes, is not compared with the old one."""
+    dog.check(unfinished=1, outputs=3, busy_s=10.0)
+    clock.now += 15
+    dog.check(unfinished=1, outputs=3, busy_s=None)
+    clock.now += 10
+    dog.check(unfinished=1, outputs=3, busy_s=500.0)  # a new baseline, not 490 s of work
+    clock.now += 10
+    with pytest.raises(EngineStalled):
+        dog.check(unfinished=1, outputs=3, busy_s=500.5)
+
+
+class Processes:
+    def __init__(self) -> None:
+        self.busy = 0.0
+
+    def cpu_seconds(self) -> float | None:
+        return self.busy
+
+
+async def test_vllm_engine_health_check_reports_the_engines_cpu_time(clock: Clock) -> None:
+    from serve.replica.vllm_engine import VllmEngine
+
+    engine = VllmEngine.__new__(VllmEngine)
+    engine._llm = StoppedLLM(unfinished=1)
+    engine._outputs = 10
+    engine._watchdog = ProgressWatchdog(30.0, clock=clock)
+    processes = Processes()
+    engine._engine_processes = processes  # type: ignore[assignment]
+    for _ in range(6):  # a minute of one long step
+        await engine.check_health()
+        clock.now += 10
+        processes.busy += 10
+    await engine.check_health()  # the last reading with the engine computing
+    for _ in range(2):  # then it stops: 10 and 20 s without progress
+        clock.now += 10
+        await engine.check_health()
+    clock.now += 10
+    with pytest.raises(EngineStalled):
+        await engine.check_health()

@@ -68,6 +68,7 @@ def engine_over(llm: DyingLLM) -> VllmEngine:
     engine._llm = cast(Any, llm)
     engine._outputs = 0
     engine._watchdog = ProgressWatchdog(60.0)
+    engine._engine_processes = None
     return engine
 
 

@@ -109,8 +109,10 @@ class MissingCredentials(BatchserveError):
     openai_type = "invalid_request_error"
     gateway_layer = True
 
-    def __init__(self) -> None:
-        super().__init__("Missing X-Auth-Key, X-Auth-Email or Authorization headers")
+    def __init__(
+        self, message: str = "Missing X-Auth-Key, X-Auth-Email or Authorization headers"
+    ) -> None:
+        super().__init__(message)
 
 
 class AuthenticationFailed(BatchserveError):

@@ -147,7 +147,8 @@ class Settings(BaseSettings):
     max_inflight_per_replica: int = Field(default=256, ge=1)
     # Reliability (issue 9): a generation running longer than this is aborted with 408/3007;
     # a replica whose engine holds unfinished requests but produced nothing for
-    # `engine_stall_s` fails Serve's health check; a stream whose client has not taken
+    # `engine_stall_s` (on the CPU backend: nor used half a core, as one long prefill
+    # step does) fails Serve's health check; a stream whose client has not taken
     # a frame for `stream_stall_s` is aborted (the engine request is freed).
     request_timeout_s: float = Field(default=300.0, gt=0)
     engine_stall_s: float = Field(default=60.0, gt=0)

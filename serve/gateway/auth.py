@@ -15,6 +15,12 @@ class Authenticator:
     def authenticate(self, headers: Headers, account_id: str | None) -> Tenant:
         """The tenant behind the request; `account_id` None means any account."""
         header = headers.get("authorization")
+        if not header and ("x-auth-key" in headers or "x-auth-email" in headers):
+            # Cloudflare's global API key: nothing here could check it.
+            raise MissingCredentials(
+                "Missing Authorization header: only API tokens are accepted here "
+                "(Authorization: Bearer <token>), not X-Auth-Key / X-Auth-Email API keys"
+            )
         if not header:
             raise MissingCredentials()
         scheme, _, token = header.partition(" ")

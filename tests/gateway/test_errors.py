@@ -79,6 +79,16 @@ async def test_missing_credentials(client: httpx.AsyncClient) -> None:
     assert "cf-ai-req-id" not in r.headers
 
 
+async def test_a_global_api_key_is_told_only_tokens_work(client: httpx.AsyncClient) -> None:
+    """`Cloudflare(api_key=..., api_email=...)` sends X-Auth-Key and X-Auth-Email: the
+    error names what is accepted instead of calling both headers missing."""
+    headers = {"X-Auth-Key": "0123456789abcdef", "X-Auth-Email": "a@example.com"}
+    r = await client.post(RUN_URL, headers=headers, json={"prompt": "x"})
+    message = assert_envelope(r, 400, 9106)["errors"][0]["message"]
+    assert "Authorization: Bearer" in message and "not X-Auth-Key" in message
+    assert "0123456789abcdef" not in r.text
+
+
 async def test_bad_token(client: httpx.AsyncClient) -> None:
     r = await client.post(RUN_URL, headers={"Authorization": "Bearer nope"}, json={"prompt": "x"})
     assert_envelope(r, 401, 10000)

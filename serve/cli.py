@@ -147,6 +147,9 @@ def _banner(settings: Settings, token: str | None) -> str:
             '    -d \'{"messages": [{"role": "user", "content": "Write a haiku about the sea."}],'
             ' "stream": true}\'',
             "",
+            "OpenAI chat API (any OpenAI SDK):",
+            f"  base_url={base}/v1  api_key={auth}  model={spec.name}",
+            "",
             "Metrics (Prometheus text format, gateway batchserve_* and vLLM vllm:*):",
             f"  curl {base}/metrics   # one replica per call; scrape each replica on its",
             "  own direct-ingress port (30000, 30001, ... by default):",

@@ -140,6 +140,12 @@ class _Common(_Wire):
     def check_common(self) -> None:
         if "" in self.stop_strings:
             raise BadInput("stop strings must not be empty", param="stop")
+        if self.stream_options is not None and not self.stream:
+            # As OpenAI (and vLLM) answer it, rather than ignoring what was asked for.
+            raise BadInput(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                param="stream_options",
+            )
 
 
 class ChatCompletionRequest(_Common):

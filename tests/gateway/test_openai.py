@@ -535,3 +535,17 @@ async def test_null_n_and_stream_mean_their_defaults(
     assert r.status_code == 200, r.text
     assert r.headers["content-type"] == "application/json"
     assert len(r.json()["choices"]) == 1 and len(engine.requests) == 1
+
+
+async def test_stream_options_without_stream_is_refused(client: httpx.AsyncClient) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream_options": {"include_usage": True},
+    }
+    r = await client.post(CHAT, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == "stream_options" and "only allowed when 'stream'" in error["message"]
+    body["stream_options"] = None  # null is no option at all
+    assert (await client.post(CHAT, headers=AUTH, json=body)).status_code == 200

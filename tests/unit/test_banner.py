@@ -1,0 +1,21 @@
+"""What `batchserve up` prints once the stack is healthy: how to call both dialects."""
+
+from __future__ import annotations
+
+from serve.cli import _banner
+from serve.gateway.tenants import hash_token
+from serve.settings import DevTenant, Settings
+
+
+def test_the_banner_shows_both_dialects_with_the_dev_tenant() -> None:
+    settings = Settings(
+        port=8123,
+        dev_tenant=DevTenant(tenant_id="dev", account_id="acct-9", token_sha256=hash_token("t")),
+    )
+    banner = _banner(settings, "t")
+    run = "http://127.0.0.1:8123/client/v4/accounts/acct-9/ai/run/@cf/qwen/qwen1.5-1.8b-chat"
+    assert f"curl {run}" in banner and f"curl -N {run}" in banner
+    assert "Authorization: Bearer t'" in banner
+    assert "base_url=http://127.0.0.1:8123/v1  api_key=t  model=@cf/qwen/qwen1.5-1.8b-chat" in (
+        banner
+    )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import cloudflare
 import httpx
@@ -497,17 +497,24 @@ class _Waiting(socketserver.ThreadingTCPServer):
         self.ended: list[tuple[int, bool]] = []
 
 
+def read_request(rfile: BinaryIO) -> tuple[bytes, int]:
+    """Read one HTTP/1.1 request (Content-Length bodies only): its request line and its
+    body's length."""
+    line = rfile.readline()
+    length = 0
+    while (header := rfile.readline()) not in (b"\r\n", b""):
+        name, _, value = header.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    rfile.read(length)
+    return line, length
+
+
 class _WaitingHandler(socketserver.StreamRequestHandler):
     server: _Waiting
 
     def handle(self) -> None:
-        line = self.rfile.readline()
-        length = 0
-        while (header := self.rfile.readline()) not in (b"\r\n", b""):
-            name, _, value = header.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        self.rfile.read(length)
+        line, length = read_request(self.rfile)
         if b"/-/healthz" in line:
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
             return

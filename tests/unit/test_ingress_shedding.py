@@ -30,7 +30,7 @@ from serve.ingress import (
 from serve.settings import Settings
 from tests.ports import free_port
 from tests.unit.test_ingress import fake_haproxy, ray_haproxy_config
-from tests.unit.test_ingress_errors import Ingress, assert_json_error, haproxy
+from tests.unit.test_ingress_errors import Ingress, assert_json_error, haproxy, read_request
 
 
 class _Holding(socketserver.ThreadingTCPServer):
@@ -59,13 +59,7 @@ class _HoldingHandler(socketserver.StreamRequestHandler):
     server: _Holding
 
     def handle(self) -> None:
-        line = self.rfile.readline()
-        length = 0
-        while (header := self.rfile.readline()) not in (b"\r\n", b""):
-            name, _, value = header.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value)
-        self.rfile.read(length)
+        line, _ = read_request(self.rfile)
         if b" /hold" in line:
             with self.server.lock:
                 self.server.held += 1

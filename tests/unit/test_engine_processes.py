@@ -27,21 +27,37 @@ time.sleep(60)
 
 
 @contextmanager
-def child(title: str, spin_s: float) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, title, str(spin_s)], stdout=subprocess.PIPE, text=True
+def replica(*titles: str, spin_s: float) -> Iterator[EngineProcesses]:
+    """A process standing for a replica, with one child per title (spinning `spin_s`
+    first); yields the `EngineProcesses` of that process. (This test process may have
+    vLLM children of its own, from the engine tests run before it.)"""
+    script = "\n".join(
+        [
+            "import signal, subprocess, sys, time",
+            "signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # a killed child is reaped",
+            f"children = [subprocess.Popen([sys.executable, '-c', {CHILD!r}, t, {str(spin_s)!r}])"
+            " for t in sys.argv[1:]]",
+            "time.sleep(120)",
+        ]
     )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, *titles], stdout=subprocess.PIPE, text=True
+    )
+    root = psutil.Process(proc.pid)
     try:
-        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield proc
+        assert proc.stdout is not None
+        for _ in titles:
+            assert proc.stdout.readline().strip() == "ready"
+        yield EngineProcesses(root)
     finally:
+        for child in root.children(recursive=True):
+            child.kill()
         proc.kill()
         proc.wait(10)
 
 
 def test_counts_the_vllm_titled_processes_cpu_only() -> None:
-    with child("VLLM::Worker", spin_s=1.0), child("not-an-engine", spin_s=1.0):
-        processes = EngineProcesses(psutil.Process())
+    with replica("VLLM::Worker", "not-an-engine", spin_s=1.0) as processes:
         assert processes.cpu_seconds() is None  # the first reading finds them
         assert processes.names() == ["VLLM::Worker"]
         first = processes.cpu_seconds()
@@ -54,20 +70,19 @@ def test_counts_the_vllm_titled_processes_cpu_only() -> None:
         assert third is not None and third - second < 0.2  # now asleep
 
 
-def test_a_replaced_engine_skips_one_reading() -> None:
-    processes = EngineProcesses(psutil.Process())
-    with child("VLLM::EngineCore", spin_s=0.0):
+def test_an_engine_gone_skips_its_readings() -> None:
+    with replica("VLLM::EngineCore", spin_s=0.0) as processes:
         processes.cpu_seconds()
         assert processes.cpu_seconds() is not None
-    assert processes.cpu_seconds() is None  # gone: found again, no reading
-    with child("VLLM::EngineCore", spin_s=0.0):
-        assert processes.cpu_seconds() is None  # the new one found: still no comparison
-        assert processes.cpu_seconds() is not None
+        for process in list(processes._found):
+            process.kill()
+            process.wait(10)
+        assert processes.cpu_seconds() is None  # gone: looked for again, no reading
+        assert processes.cpu_seconds() is None and processes.names() == []
 
 
 @pytest.mark.parametrize("title", ["VLLM::EngineCore", "VLLM::Worker_TP0"])
 def test_finds_each_vllm_title(title: str) -> None:
-    with child(title, spin_s=0.0):
-        processes = EngineProcesses(psutil.Process())
+    with replica(title, spin_s=0.0) as processes:
         processes.cpu_seconds()
         assert processes.names() == [title]

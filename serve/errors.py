@@ -103,6 +103,18 @@ class BodyTooLarge(BatchserveError):
         super().__init__(f"Request is too large: the body limit is {limit} bytes")
 
 
+class UnsupportedContentEncoding(BadInput):
+    """A compressed request body (Content-Encoding): it would otherwise read as bad JSON."""
+
+    status = 415
+
+    def __init__(self, coding: str) -> None:
+        super().__init__(
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
+            param="Content-Encoding",
+        )
+
+
 class MissingCredentials(BatchserveError):
     status = 400
     code = 9106

@@ -6,13 +6,17 @@ import asyncio
 
 from starlette.requests import Request
 
-from serve.errors import BodyTimeout, BodyTooLarge
+from serve.errors import BodyTimeout, BodyTooLarge, UnsupportedContentEncoding
 
 
 async def read_body(request: Request, limit: int, timeout_s: float | None = None) -> bytes:
-    """The whole body, or 413 past `limit` bytes, or 408 when it is not all there within
+    """The whole body, or 415 when it is compressed (Content-Encoding: gzip, ...), or
+    413 past `limit` bytes, or 408 when it is not all there within
     `timeout_s` (a client trickling its upload holds a connection and this task, nothing
     more, and only for that long)."""
+    coding = request.headers.get("content-encoding", "").strip().lower()
+    if coding not in ("", "identity"):
+        raise UnsupportedContentEncoding(coding)
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(limit)

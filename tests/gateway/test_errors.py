@@ -246,3 +246,32 @@ async def test_security_headers_everywhere(client: httpx.AsyncClient) -> None:
     ):
         assert r.headers["x-content-type-options"] == "nosniff"
         assert r.headers["cache-control"] == "no-store"
+
+
+@pytest.mark.parametrize("path", [RUN_URL, "/v1/chat/completions"])
+async def test_a_compressed_body_is_a_415_that_says_so(
+    client: httpx.AsyncClient, engine: FakeEngine, path: str
+) -> None:
+    """Decoding is not offered (a zip bomb would need its own limits): the client is told
+    to send the body uncompressed, instead of reading about bytes that are not UTF-8."""
+    import gzip
+    import json
+
+    body: dict[str, object] = (
+        {"prompt": "x"}
+        if path == RUN_URL
+        else {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+    )
+    headers = {**AUTH, "Content-Encoding": "gzip", "Content-Type": "application/json"}
+    r = await client.post(path, headers=headers, content=gzip.compress(json.dumps(body).encode()))
+    assert r.status_code == 415, r.text
+    if path == RUN_URL:
+        message = assert_envelope(r, 415, 5006)["errors"][0]["message"]  # type: ignore[index]
+    else:
+        message = r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "'gzip' is not supported: send the body uncompressed" in message
+    assert not engine.requests
+    headers["Content-Encoding"] = "identity"
+    r = await client.post(path, headers=headers, content=json.dumps(body).encode())
+    assert r.status_code == 200, r.text

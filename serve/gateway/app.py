@@ -10,6 +10,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
+from serve.gateway.catalog_routes import catalog_router
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
 from serve.gateway.models_routes import models_router
@@ -84,6 +85,7 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
 
     app.include_router(workers_ai_router(ctx))
     app.include_router(models_router(ctx))
+    app.include_router(catalog_router(ctx))
     app.include_router(openai_router(ctx))
     app.include_router(usage_router(ctx))
 

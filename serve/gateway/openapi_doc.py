@@ -218,6 +218,102 @@ def workers_ai_usage() -> dict[str, Any]:
     }
 
 
+_TASK: Final[Schema] = {
+    "type": "object",
+    "required": ["id", "name", "description"],
+    "properties": {
+        "id": {"type": "string"},
+        "name": {"type": "string"},
+        "description": {"type": "string"},
+    },
+}
+_CATALOG_MODEL: Final[Schema] = {
+    "type": "object",
+    "required": ["id", "source", "name", "description", "task", "tags", "properties"],
+    "properties": {
+        "id": {"type": "string"},
+        "source": {"type": "number"},
+        "name": {"type": "string"},
+        "description": {"type": "string"},
+        "task": _TASK,
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "properties": {
+            "type": "array",
+            "description": "Hosted catalog properties, plus `context_window` (the served "
+            "engine's) and `weights` (what really serves the name).",
+            "items": {
+                "type": "object",
+                "required": ["property_id", "value"],
+                "properties": {"property_id": {"type": "string"}, "value": {"type": "string"}},
+            },
+        },
+    },
+}
+
+
+def _query(name: str, schema: Schema, description: str) -> Schema:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def _listing(items: Schema, *, parameters: list[Schema] | None = None) -> dict[str, Any]:
+    return {
+        "openapi_extra": {"security": [{BEARER: []}], "parameters": parameters or []},
+        "responses": _responses(_success({"type": "array", "items": items}), WORKERS_AI_ERROR),
+    }
+
+
+def workers_ai_model_search(max_per_page: int) -> dict[str, Any]:
+    """Keyword arguments of the `/ai/models/search` route (paged: `result_info`)."""
+    text = {"type": "string"}
+    doc = _listing(
+        _CATALOG_MODEL,
+        parameters=[
+            _query("author", text, "The author, e.g. `qwen` (`@cf/qwen/...`)."),
+            _query("hide_experimental", {"type": "boolean"}, "Leave out beta models."),
+            _query("include_deprecated", {"type": "boolean"}, "Accepted; none is deprecated."),
+            _query("page", {"type": "integer", "minimum": 1}, "From 1 (default 1)."),
+            _query(
+                "per_page",
+                {"type": "integer", "minimum": 1, "maximum": max_per_page},
+                "Models a page (default 20).",
+            ),
+            _query("search", text, "A substring of the name or the description."),
+            _query("source", {"type": "number"}, "The source id (1)."),
+            _query("task", text, "The task name (e.g. `Text Generation`) or id."),
+        ],
+    )
+    ok = doc["responses"][200]["content"][_JSON]["schema"]
+    ok["required"] = [*ok["required"], "result_info"]
+    ok["properties"]["result_info"] = {
+        "type": "object",
+        "required": ["page", "per_page", "count", "total_count"],
+        "properties": {
+            "page": {"type": "integer", "minimum": 1},
+            "per_page": {"type": "integer", "minimum": 1},
+            "count": _COUNT,
+            "total_count": _COUNT,
+        },
+    }
+    return doc
+
+
+def workers_ai_task_search() -> dict[str, Any]:
+    """Keyword arguments of the `/ai/tasks/search` route."""
+    return _listing(_TASK)
+
+
+def workers_ai_author_search() -> dict[str, Any]:
+    """Keyword arguments of the `/ai/authors/search` route."""
+    author = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+    return _listing(author)
+
+
 # -- OpenAI ---------------------------------------------------------------------------
 
 

@@ -31,8 +31,15 @@ CAP_NOTE_CODE = 5022
 PAD_ALPHABET: Final = "abdefghijklmnoprstuvxyz1234567890"
 
 
-def envelope(result: dict[str, Any], messages: list[dict[str, Any]]) -> Response:
-    body = {"result": result, "success": True, "errors": [], "messages": messages}
+def envelope(
+    result: dict[str, Any] | list[Any],
+    messages: list[dict[str, Any]],
+    *,
+    result_info: dict[str, int] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"result": result, "success": True, "errors": [], "messages": messages}
+    if result_info is not None:  # a paged listing's `{page, per_page, count, total_count}`
+        body["result_info"] = result_info
     return Response(
         json.dumps(body, ensure_ascii=False, separators=(",", ":")),
         media_type="application/json",

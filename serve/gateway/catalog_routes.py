@@ -80,10 +80,10 @@ def model_entry(name: str, weights: str, context_window: int) -> dict[str, Any]:
 
 
 def _is_experimental(model: dict[str, Any]) -> bool:
-    """A beta model (the hosted catalog's only such mark) is experimental."""
+    """Marked `experimental`. A `beta` model is not: the hosted catalog marked most text
+    models beta, this one included, and a self-hosted deployment runs what it serves."""
     return any(
-        p["property_id"] in ("beta", "experimental") and p["value"] == "true"
-        for p in model["properties"]
+        p["property_id"] == "experimental" and p["value"] == "true" for p in model["properties"]
     )
 
 

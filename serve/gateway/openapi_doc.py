@@ -275,7 +275,7 @@ def workers_ai_model_search(max_per_page: int) -> dict[str, Any]:
         _CATALOG_MODEL,
         parameters=[
             _query("author", text, "The author, e.g. `qwen` (`@cf/qwen/...`)."),
-            _query("hide_experimental", {"type": "boolean"}, "Leave out beta models."),
+            _query("hide_experimental", {"type": "boolean"}, "Hide models marked experimental."),
             _query("include_deprecated", {"type": "boolean"}, "Accepted; none is deprecated."),
             _query("page", {"type": "integer", "minimum": 1}, "From 1 (default 1)."),
             _query(

@@ -14,7 +14,7 @@ import yaml
 from cloudflare import AsyncCloudflare
 
 from serve.cluster import build_gateway
-from serve.gateway.catalog_routes import author_of, model_entry
+from serve.gateway.catalog_routes import ModelFilter, author_of, model_entry
 from serve.settings import Settings
 from serve.tenants_cli import add_token
 from tests.fakes import FakeEngine
@@ -71,7 +71,7 @@ async def test_lists_the_served_model_with_its_real_engine(
         ({"source": "1.0"}, True),
         ({"source": "2"}, False),
         ({"hide_experimental": "false"}, True),
-        ({"hide_experimental": "true"}, False),  # the hosted entry is a beta model
+        ({"hide_experimental": "true"}, True),  # beta, not experimental
         ({"include_deprecated": "true"}, True),
         ({"search": "qwen", "task": "Text Generation", "author": "qwen", "source": "1"}, True),
         ({"search": "qwen", "author": "meta"}, False),
@@ -237,3 +237,11 @@ def test_a_name_without_a_hosted_entry() -> None:
         {"property_id": "weights", "value": "/models/tiny"},
     ]
     assert author_of(entry["name"]) == "acme"
+
+
+def test_hide_experimental_hides_only_models_marked_experimental() -> None:
+    entry = model_entry("@cf/acme/lab-model", "acme/lab", 4096)
+    marked = {**entry, "properties": [{"property_id": "experimental", "value": "true"}]}
+    hiding = ModelFilter(hide_experimental=True)
+    assert hiding.admits(entry) and not hiding.admits(marked)
+    assert ModelFilter().admits(marked)

@@ -8,29 +8,33 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import IO
 
 import psutil
 import pytest
 
 from serve.replica.engine_processes import EngineProcesses
 
-# Spins for `spin` seconds, then sleeps: a worker prefilling, then idle.
+# Spins until it has used `spin` CPU seconds, then sleeps: a worker prefilling, then
+# idle. Each line is one write (atomic on a pipe), so children sharing stdout never
+# interleave theirs.
 CHILD = """
-import setproctitle, sys, time
+import os, setproctitle, sys, time
 setproctitle.setproctitle(sys.argv[1])
-print("ready", flush=True)
-end = time.monotonic() + float(sys.argv[2])
-while time.monotonic() < end:
+os.write(1, b"ready\\n")
+while time.process_time() < float(sys.argv[2]):
     pass
+os.write(1, b"idle\\n")
 time.sleep(60)
 """
 
 
 @contextmanager
-def replica(*titles: str, spin_s: float) -> Iterator[EngineProcesses]:
-    """A process standing for a replica, with one child per title (spinning `spin_s`
-    first); yields the `EngineProcesses` of that process. (This test process may have
-    vLLM children of its own, from the engine tests run before it.)"""
+def replica(*titles: str, spin_s: float) -> Iterator[tuple[EngineProcesses, IO[str]]]:
+    """A process standing for a replica, with one child per title (spinning `spin_s` CPU
+    seconds first); yields the `EngineProcesses` of that process and the children's
+    output. (This test process may have vLLM children of its own, from the engine tests
+    run before it.)"""
     script = "\n".join(
         [
             "import signal, subprocess, sys, time",
@@ -48,7 +52,7 @@ def replica(*titles: str, spin_s: float) -> Iterator[EngineProcesses]:
         assert proc.stdout is not None
         for _ in titles:
             assert proc.stdout.readline().strip() == "ready"
-        yield EngineProcesses(root)
+        yield EngineProcesses(root), proc.stdout
     finally:
         for child in root.children(recursive=True):
             child.kill()
@@ -57,21 +61,26 @@ def replica(*titles: str, spin_s: float) -> Iterator[EngineProcesses]:
 
 
 def test_counts_the_vllm_titled_processes_cpu_only() -> None:
-    with replica("VLLM::Worker", "not-an-engine", spin_s=1.0) as processes:
+    with replica("VLLM::Worker", "not-an-engine", spin_s=1.0) as (processes, lines):
         assert processes.cpu_seconds() is None  # the first reading finds them
         assert processes.names() == ["VLLM::Worker"]
         first = processes.cpu_seconds()
         assert first is not None
-        time.sleep(1.2)
-        second = processes.cpu_seconds()
-        assert second is not None and second - first >= 0.5  # the spinning one alone
-        time.sleep(0.5)
+        # The spinning one alone (however busy this machine is: read until it has spun).
+        deadline = time.monotonic() + 30
+        while (second := processes.cpu_seconds()) is not None and second - first < 0.5:
+            assert time.monotonic() < deadline, "no CPU time counted for a spinning worker"
+            time.sleep(0.1)
+        assert second is not None
+        assert [lines.readline().strip() for _ in range(2)] == ["idle"] * 2
         third = processes.cpu_seconds()
-        assert third is not None and third - second < 0.2  # now asleep
+        time.sleep(0.5)
+        fourth = processes.cpu_seconds()
+        assert third is not None and fourth is not None and fourth - third < 0.2  # asleep
 
 
 def test_an_engine_gone_skips_its_readings() -> None:
-    with replica("VLLM::EngineCore", spin_s=0.0) as processes:
+    with replica("VLLM::EngineCore", spin_s=0.0) as (processes, _):
         processes.cpu_seconds()
         assert processes.cpu_seconds() is not None
         for process in list(processes._found):
@@ -83,6 +92,6 @@ def test_an_engine_gone_skips_its_readings() -> None:
 
 @pytest.mark.parametrize("title", ["VLLM::EngineCore", "VLLM::Worker_TP0"])
 def test_finds_each_vllm_title(title: str) -> None:
-    with replica(title, spin_s=0.0) as processes:
+    with replica(title, spin_s=0.0) as (processes, _):
         processes.cpu_seconds()
         assert processes.names() == [title]

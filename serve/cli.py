@@ -172,8 +172,8 @@ def cmd_up(ns: argparse.Namespace) -> int:
     # Direct ingress keeps a stopping replica draining for 30 s by default; locally,
     # Ctrl-C should not take that long.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    # Serve echoes the client's x-request-id itself: sanitise it before Serve reads it.
-    from serve.gateway.request_id import SERVE_CALLBACK, SERVE_CALLBACK_ENV
+    # Middlewares on the HTTP servers Serve runs itself (x-request-id, stalled clients).
+    from serve.gateway.serve_http import SERVE_CALLBACK, SERVE_CALLBACK_ENV
 
     os.environ.setdefault(SERVE_CALLBACK_ENV, SERVE_CALLBACK)
     if settings.profile == "cpu":

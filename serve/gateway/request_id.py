@@ -6,10 +6,9 @@ middlewares (no BaseHTTPMiddleware: it would buffer streams).
 
 Behind Ray Serve, Serve's own `RequestIdMiddleware` (on the proxy's and every direct-ingress
 replica's HTTP server) reads the client's `x-request-id` before our app runs and echoes it
-in the response as is. `ServeRequestIdGuard`, installed outside it through Serve's
-`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH` (`serve_http_middlewares`, set by `batchserve
-up`, the images and the chart), applies the same rule first, so the id Serve echoes, logs
-and hands to the replica is already the sanitised one.
+in the response as is. `ServeRequestIdGuard`, installed outside it through Serve's HTTP
+callback (`serve.gateway.serve_http`), applies the same rule first, so the id Serve
+echoes, logs and hands to the replica is already the sanitised one.
 """
 
 from __future__ import annotations
@@ -17,14 +16,11 @@ from __future__ import annotations
 import re
 import uuid
 
-from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _HEADER = b"x-request-id"
 INFERENCE_ID_KEY = "batchserve_inference_id"
-SERVE_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
-SERVE_CALLBACK = "serve.gateway.request_id:serve_http_middlewares"
 
 
 def is_sane(request_id: str) -> bool:
@@ -103,9 +99,3 @@ class ServeRequestIdGuard:
                 others = [(name, value) for name, value in headers if name != _HEADER]
                 scope = {**scope, "headers": [*others, (_HEADER, request_id.encode())]}
         await self.app(scope, receive, send)
-
-
-def serve_http_middlewares() -> list[Middleware]:
-    """Ray Serve's HTTP callback (`RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`): the
-    middlewares Serve puts outside its own on the proxy and direct-ingress servers."""
-    return [Middleware(ServeRequestIdGuard)]

@@ -1,27 +1,59 @@
-"""Streams to clients that stop reading: bounded buffering, then an abort.
+"""Clients that stop reading: bounded buffering, then an abort.
 
-The body is pulled one frame at a time and only after the previous frame was handed
-to the server, so while a client does not read, the generation is suspended and the
-gateway holds at most one frame beyond the server's transport buffer (uvicorn pauses
-writers above its 64 KiB high-water mark). If one write stays blocked for `stall_s`,
-the stream is aborted: the body iterator is closed (which aborts the engine request
-and frees its KV blocks) and the connection is dropped without a final frame.
+Two places watch the same thing, a response write that stays blocked for `stall_s`
+because the client does not read:
 
-Per frame this costs one `time.monotonic()`; the watch itself is one sleeping task
-per stream that wakes every `stall_s / 4`.
+- `GuardedStreamingResponse`, the gateway's streams. The body is pulled one frame at a
+  time and only after the previous frame was handed to the server, so while the write
+  blocks the generation is suspended. Past `stall_s` it closes the body iterator (which
+  aborts the engine request and frees its KV blocks) and drops the connection. This
+  needs a server `send` that blocks: plain uvicorn, or Serve running user code on its
+  own event loop.
+- `StalledClientGuard`, on the HTTP server Ray Serve runs in every replica (installed
+  through Serve's HTTP callback, `serve.gateway.serve_http`). With user code on its own
+  thread (Serve's default), Serve hands the app's messages to the server through an
+  unbounded queue, so the app's writes never block and the guard above never fires:
+  a stalled client's whole answer would be generated and queued. This guard watches the
+  server's real `send` and, past `stall_s`, tells Serve the client is gone (an
+  `http.disconnect` from `receive`, which Serve reads for the whole request), so Serve
+  cancels the request exactly as for a client that closed: the engine request is
+  aborted and the usage record says the client left.
+
+Per write this costs one `time.monotonic()`; the watch is a sleeping task (or the
+pending `receive`) that wakes every `stall_s / 4`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
 import anyio
 from starlette.responses import StreamingResponse
-from starlette.types import Message, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+
+
+class SendWatch:
+    """Times the writes through one `send`: how long the pending one has been blocked."""
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._blocked_since: float | None = None  # None: no write pending
+
+    async def __call__(self, message: Message) -> None:
+        self._blocked_since = time.monotonic()
+        try:
+            await self._send(message)
+        finally:
+            self._blocked_since = None
+
+    def stalled(self, stall_s: float) -> bool:
+        since = self._blocked_since
+        return since is not None and time.monotonic() - since >= stall_s
 
 
 class GuardedStreamingResponse(StreamingResponse):
@@ -31,19 +63,13 @@ class GuardedStreamingResponse(StreamingResponse):
         super().__init__(content, **kwargs)
         self.stall_s = stall_s
         self.stalled = False
-        # When the pending write started (None: no write pending).
-        self._blocked_since: float | None = None
 
     async def stream_response(self, send: Send) -> None:
-        async def timed_send(message: Message) -> None:
-            self._blocked_since = time.monotonic()
-            await send(message)
-            self._blocked_since = None
-
+        watch = SendWatch(send)
         async with anyio.create_task_group() as group:
-            group.start_soon(self._watch, group.cancel_scope)
+            group.start_soon(self._watch, watch, group.cancel_scope)
             try:
-                await super().stream_response(timed_send)
+                await super().stream_response(watch)
             finally:
                 group.cancel_scope.cancel()
         if self.stalled:
@@ -51,12 +77,49 @@ class GuardedStreamingResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()  # runs the generation's cleanup: the engine request is aborted
 
-    async def _watch(self, scope: anyio.CancelScope) -> None:
+    async def _watch(self, watch: SendWatch, scope: anyio.CancelScope) -> None:
         while True:
             await anyio.sleep(self.stall_s / 4)
-            since = self._blocked_since
-            if since is not None and time.monotonic() - since >= self.stall_s:
+            if watch.stalled(self.stall_s):
                 self.stalled = True
                 log.warning("client stopped reading its stream for %.0f s; aborting", self.stall_s)
                 scope.cancel()
                 return
+
+
+class StalledClientGuard:
+    """ASGI middleware on the server's own `send`: a write blocked for `stall_s` makes
+    `receive` report the client as disconnected (for good)."""
+
+    def __init__(self, app: ASGIApp, *, stall_s: float) -> None:
+        self.app = app
+        self.stall_s = stall_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        watch = SendWatch(send)
+        gone = False
+
+        async def watched_receive() -> Message:
+            nonlocal gone
+            if gone:
+                return {"type": "http.disconnect"}
+            pending = asyncio.ensure_future(receive())
+            try:
+                while True:
+                    done, _ = await asyncio.wait({pending}, timeout=self.stall_s / 4)
+                    if done:
+                        return pending.result()
+                    if watch.stalled(self.stall_s):
+                        gone = True
+                        log.warning(
+                            "client stopped reading for %.0f s; ending its request", self.stall_s
+                        )
+                        return {"type": "http.disconnect"}
+            finally:
+                if not pending.done():
+                    pending.cancel()
+
+        await self.app(scope, watched_receive, watch)

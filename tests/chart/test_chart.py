@@ -24,7 +24,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from serve.gateway.request_id import SERVE_CALLBACK, SERVE_CALLBACK_ENV
+from serve.gateway.serve_http import SERVE_CALLBACK, SERVE_CALLBACK_ENV
 from serve.settings import EngineArgs, ModelSpec, Settings
 from tests.chart.render import (
     CHART_DIR,
@@ -430,6 +430,19 @@ def test_haproxy_gets_the_limits_the_settings_compute(
         assert _ray_env(docs, MAXCONN_ENV) == {str(expect)}, (profile, settings)
         expect = computed.ingress_tenant_maxconn or 0
         assert _ray_env(docs, TENANT_MAXCONN_ENV) == {str(expect)}, (profile, settings)
+
+
+@pytest.mark.parametrize("stall_s", [None, 4, 2.5])
+def test_serve_http_servers_get_the_stream_stall_limit(stall_s: float | None) -> None:
+    """Serve's HTTP callback (serve/gateway/serve_http.py) reads `stream_stall_s` from the
+    environment: every Ray container gets the application's value."""
+    settings = {} if stall_s is None else {"stream_stall_s": stall_s}
+    for profile in PROFILES:
+        docs = documents(merged(profile_values(profile), {"serve": {"settings": settings}}))
+        args = _serve_config(docs)["applications"][0]["args"]
+        expect = Settings.model_validate(args).stream_stall_s
+        (value,) = _ray_env(docs, "BATCHSERVE_STREAM_STALL_S")
+        assert float(value) == expect == (stall_s or Settings().stream_stall_s), profile
 
 
 def test_gateway_settings_from_values_reach_the_application() -> None:

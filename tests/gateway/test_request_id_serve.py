@@ -15,7 +15,8 @@ from ray.serve._private.http_util import _apply_middlewares
 from starlette.types import ASGIApp
 
 from serve.cluster import build_gateway
-from serve.gateway.request_id import is_sane, serve_http_middlewares
+from serve.gateway.request_id import is_sane
+from serve.gateway.serve_http import serve_http_middlewares
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import AUTH, RUN_URL, gateway_settings
 

@@ -167,7 +167,7 @@ ingress_headroom; 0 when shedding is off. */}}
   value: "1"
 # Serve echoes a client's x-request-id itself: our middleware sanitises it first.
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
-  value: serve.gateway.request_id:serve_http_middlewares
+  value: serve.gateway.serve_http:serve_http_middlewares
 {{- if gt (int .Values.monitoring.replicaMetricsPort) 0 }}
 # Replicas' own HTTP ports start here (the first replica of a pod gets exactly this one).
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
@@ -180,6 +180,9 @@ ingress_headroom; 0 when shedding is off. */}}
   value: {{ include "batchserve.ingressMaxconn" . | quote }}
 - name: BATCHSERVE_HAPROXY_TENANT_MAXCONN
   value: {{ include "batchserve.ingressTenantMaxconn" . | quote }}
+# Serve's HTTP servers end a request whose client stopped reading (serve/gateway/serve_http.py).
+- name: BATCHSERVE_STREAM_STALL_S
+  value: {{ include "batchserve.setting" (list .Values.serve.settings "stream_stall_s" 30) | quote }}
 {{- if .Values.redis.enabled }}
 # The in-chart Redis with its password (from the Secret; Kubernetes expands $(REDIS_PASSWORD)).
 - name: REDIS_PASSWORD

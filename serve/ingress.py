@@ -28,6 +28,12 @@ The lines added:
   so the client retries), not the 502 page; with `safe`, only a request that came on a
   reused client connection can meet that, and HTTP requires such a client to expect a close
   (RFC 9112 9.3.1). The cost: one local TCP connect per new client connection;
+- no `option splice-request` (Ray's template sets it): with request bodies spliced
+  (forwarded kernel to kernel), HAProxy did not end the replica's connection when a client
+  whose body was about 30.5-46.5 KB left before its answer (2.6 and 2.8, measured), so Serve
+  never saw the client go and a non-streaming generation ran to its cap for nobody. Without
+  it every body size is seen. Request bodies are at most `max_body_bytes` (4 MiB), so
+  copying them costs little; responses are still spliced;
 - the 503 page instead of Serve's `text/plain` 404 ("Path '...' not found") for a path
   that matches no application: batchserve's one application is at `/`, so that happens
   only while it is not deployed (starting up, or deleted while `batchserve up` drains
@@ -241,12 +247,14 @@ def wrapper_script(
         *errorfile_lines(pages),
     ]
     # GNU sed: Ray's errorfile lines go, its backends' `http-reuse always` becomes `safe`,
-    # its 404 for a path no application serves becomes the 503 page, then one `a` command
+    # its `option splice-request` goes, its 404 for a path no application serves becomes
+    # the 503 page, then one `a` command
     # per added line, appended in this order after `defaults`; the stats page and the
     # Prometheus exporter move to `bind_host`.
     edits = [
         "/^ *errorfile /d",
         r"s/^\( *\)http-reuse always$/\1http-reuse safe/",
+        "/^ *option splice-request$/d",
         r"s/^\( *\)http-request return status 404 .*not found.*$/\1"
         "http-request return status 503 default-errorfiles/",
         *(f"/^defaults$/a\\    {line}" for line in lines),

@@ -144,6 +144,11 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     assert [line.strip() for line in rendered.splitlines() if "http-reuse" in line] == [
         "http-reuse always"
     ]
+    # ... `option splice-request` (removed: see test_ingress_errors.py -k leaves) ...
+    assert [line.strip() for line in rendered.splitlines() if "splice" in line] == [
+        "option splice-request",
+        "option splice-response",
+    ]
     # ... and one 404 for a path no application serves (made the 503 page).
     not_found = [line.strip() for line in rendered.splitlines() if "return status 404" in line]
     assert len(not_found) == 1 and "not found" in not_found[0], not_found
@@ -164,6 +169,9 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     ours = [line.strip() for line in text.splitlines() if line.split()[:1] == ["errorfile"]]
     assert ours == [f'errorfile {s} "{pages_dir(wrapper) / f"{s}.http"}"' for s in STATUSES]
     assert "return status 404" not in text
+    assert [line.strip() for line in text.splitlines() if "splice" in line] == [
+        "option splice-response"
+    ]
     assert [line.strip() for line in text.splitlines() if "default-errorfiles" in line] == [
         NOT_DEPLOYED_RULE,
         "http-request return status 503 default-errorfiles",

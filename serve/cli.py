@@ -173,9 +173,13 @@ def cmd_up(ns: argparse.Namespace) -> int:
     # Ctrl-C should not take that long.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # Middlewares on the HTTP servers Serve runs itself (x-request-id, stalled clients).
-    from serve.gateway.serve_http import SERVE_CALLBACK, SERVE_CALLBACK_ENV
+    from serve.gateway.serve_http import SERVE_CALLBACK, SERVE_CALLBACK_ENV, STREAM_STALL_ENV
+    from serve.ingress import TIMEOUT_CLIENT_ENV, client_timeout_s
 
     os.environ.setdefault(SERVE_CALLBACK_ENV, SERVE_CALLBACK)
+    # Its stall guard, and HAProxy's in front of it, with the application's limit.
+    os.environ[STREAM_STALL_ENV] = str(settings.stream_stall_s)
+    os.environ.setdefault(TIMEOUT_CLIENT_ENV, str(client_timeout_s(settings.stream_stall_s)))
     if settings.profile == "cpu":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))

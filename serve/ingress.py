@@ -10,6 +10,16 @@ that adds the missing lines to the `defaults` section of the file Ray passes wit
 `exec`s the real HAProxy with the same arguments, so Ray's reloads (`-sf <pid>`), pid checks
 and /proc scans still see HAProxy itself.
 
+Ray does have a knob for `timeout client` (`RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S`, an hour by
+default): `batchserve up`, the images and the chart set it to `stream_stall_s`
+(`client_timeout_s`). HAProxy applies it while it waits for a client to send or to take
+bytes, not while the client waits for a replica's answer (measured on the bundled 2.8: a
+replica silent for 6 s and a stream with 4 s between writes both went through with it at
+3 s), so it ends a client whose socket took nothing for that long: HAProxy resets the
+replica's connection (Serve then cancels the request) and frees its own buffers and the
+connection's place in its limits. The replica's own guard (`serve.gateway.stream_guard`)
+alone fires only once HAProxy's socket buffers, several MB, are full too.
+
 The lines added:
 
 - `timeout http-request <s>`: the request headers (and, with the next line, the buffered
@@ -81,6 +91,7 @@ container images ship one (`python -m serve.ingress PATH [TIMEOUT_S [BIND_HOST]]
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -131,6 +142,15 @@ def side_bind_edits(bind_host: str | None) -> list[str]:
         "/^listen stats$/,/^[^ ]/" + rebind.format(any=r"\*", host=bind_host),
         "/^frontend prometheus$/,/^[^ ]/" + rebind.format(any="", host=bind_host),
     ]
+
+
+# Ray's knob for `timeout client`, read by the process that renders HAProxy's config.
+TIMEOUT_CLIENT_ENV = "RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"
+
+
+def client_timeout_s(stream_stall_s: float) -> int:
+    """HAProxy's `timeout client` for a `stream_stall_s` (whole seconds, rounded up)."""
+    return max(1, math.ceil(stream_stall_s))
 
 
 # The wrapper's environment may override the limits it was written with (the chart

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 QWEN_API_NAME = "@cf/qwen/qwen1.5-1.8b-chat"
+STREAM_STALL_S = 30.0
 EMBEDDED_WEIGHTS_LABEL = "SmolLM2-135M-Instruct (embedded CPU stand-in, not Qwen1.5)"
 
 
@@ -152,7 +153,7 @@ class Settings(BaseSettings):
     # a frame for `stream_stall_s` is aborted (the engine request is freed).
     request_timeout_s: float = Field(default=300.0, gt=0)
     engine_stall_s: float = Field(default=60.0, gt=0)
-    stream_stall_s: float = Field(default=30.0, gt=0)
+    stream_stall_s: float = Field(default=STREAM_STALL_S, gt=0)
     retry_after_seconds: int = Field(default=1, ge=1)
     # Slow clients: a request body not fully received this long after the handler starts
     # reading it is answered 408/3007 (HAProxy's `timeout http-request` covers headers).
@@ -296,3 +297,15 @@ class Settings(BaseSettings):
             if spec.name == name:
                 return spec
         return None
+
+
+class ServeHttpSettings(BaseSettings):
+    """What Serve's HTTP callback (`serve.gateway.serve_http`) reads in each process that
+    runs one of Serve's HTTP servers. The callback takes no arguments, so this one setting
+    comes from that process's environment (the chart sets it from the same value as the
+    application's `stream_stall_s`); nothing else there is read, so no other variable can
+    keep Serve from starting its servers."""
+
+    model_config = SettingsConfigDict(env_prefix="BATCHSERVE_", extra="ignore")
+
+    stream_stall_s: float = Field(default=STREAM_STALL_S, gt=0)

@@ -15,9 +15,13 @@ because the client does not read:
   unbounded queue, so the app's writes never block and the guard above never fires:
   a stalled client's whole answer would be generated and queued. This guard watches the
   server's real `send` and, past `stall_s`, tells Serve the client is gone (an
-  `http.disconnect` from `receive`, which Serve reads for the whole request), so Serve
-  cancels the request exactly as for a client that closed: the engine request is
-  aborted and the usage record says the client left.
+  `http.disconnect` from `receive`, which a replica's server reads for the whole
+  request), so Serve cancels the request exactly as for a client that closed: the engine
+  request is aborted and the usage record says the client left.
+
+In front of both, HAProxy's `timeout client` (set to `stream_stall_s`, `serve.ingress`)
+ends a client whose socket took nothing for that long, which also frees HAProxy's own
+buffers and the connection's place in its limits.
 
 Per write this costs one `time.monotonic()`; the watch is a sleeping task (or the
 pending `receive`) that wakes every `stall_s / 4`.

@@ -40,7 +40,9 @@ SERVE_CONFIG_HEADER = """\
 # from a Secret. Set that variable on every node (or add `redis_url`) for several replicas.
 # HAProxy's load-shedding limits in the images are those of the default settings, which these
 # args keep; the chart sets BATCHSERVE_HAPROXY_SERVER_MAXCONN and BATCHSERVE_HAPROXY_TENANT_MAXCONN
-# on every node from its values (0: no limit). Set them likewise when you change the args.
+# on every node from its values (0: no limit). Set them likewise when you change the args;
+# for `stream_stall_s`, set BATCHSERVE_STREAM_STALL_S and RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+# (whole seconds) to it on every node (the images have 30, the default).
 """
 
 

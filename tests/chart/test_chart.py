@@ -432,10 +432,13 @@ def test_haproxy_gets_the_limits_the_settings_compute(
         assert _ray_env(docs, TENANT_MAXCONN_ENV) == {str(expect)}, (profile, settings)
 
 
-@pytest.mark.parametrize("stall_s", [None, 4, 2.5])
+@pytest.mark.parametrize("stall_s", [None, 4, 2.5, 0.2])
 def test_serve_http_servers_get_the_stream_stall_limit(stall_s: float | None) -> None:
     """Serve's HTTP callback (serve/gateway/serve_http.py) reads `stream_stall_s` from the
-    environment: every Ray container gets the application's value."""
+    environment, and HAProxy's `timeout client` is set from it (serve/ingress.py): every
+    Ray container gets the application's value."""
+    from serve.ingress import TIMEOUT_CLIENT_ENV, client_timeout_s
+
     settings = {} if stall_s is None else {"stream_stall_s": stall_s}
     for profile in PROFILES:
         docs = documents(merged(profile_values(profile), {"serve": {"settings": settings}}))
@@ -443,6 +446,8 @@ def test_serve_http_servers_get_the_stream_stall_limit(stall_s: float | None) ->
         expect = Settings.model_validate(args).stream_stall_s
         (value,) = _ray_env(docs, "BATCHSERVE_STREAM_STALL_S")
         assert float(value) == expect == (stall_s or Settings().stream_stall_s), profile
+        (timeout,) = _ray_env(docs, TIMEOUT_CLIENT_ENV)  # HAProxy's `timeout client`
+        assert timeout == str(client_timeout_s(expect)), profile
 
 
 def test_gateway_settings_from_values_reach_the_application() -> None:

@@ -3,12 +3,13 @@ on real child processes titled as vLLM titles its own."""
 
 from __future__ import annotations
 
+import queue
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import IO
 
 import psutil
 import pytest
@@ -29,8 +30,16 @@ time.sleep(60)
 """
 
 
+def line_of(lines: queue.Queue[str], timeout_s: float = 30) -> str:
+    """The next line the children wrote (a dead child fails the test, not hangs it)."""
+    try:
+        return lines.get(timeout=timeout_s).strip()
+    except queue.Empty:
+        raise AssertionError("no line from the children in time") from None
+
+
 @contextmanager
-def replica(*titles: str, spin_s: float) -> Iterator[tuple[EngineProcesses, IO[str]]]:
+def replica(*titles: str, spin_s: float) -> Iterator[tuple[EngineProcesses, queue.Queue[str]]]:
     """A process standing for a replica, with one child per title (spinning `spin_s` CPU
     seconds first); yields the `EngineProcesses` of that process and the children's
     output. (This test process may have vLLM children of its own, from the engine tests
@@ -48,11 +57,14 @@ def replica(*titles: str, spin_s: float) -> Iterator[tuple[EngineProcesses, IO[s
         [sys.executable, "-c", script, *titles], stdout=subprocess.PIPE, text=True
     )
     root = psutil.Process(proc.pid)
+    lines: queue.Queue[str] = queue.Queue()
+    stdout = proc.stdout
+    assert stdout is not None
+    threading.Thread(target=lambda: [lines.put(line) for line in stdout], daemon=True).start()
     try:
-        assert proc.stdout is not None
         for _ in titles:
-            assert proc.stdout.readline().strip() == "ready"
-        yield EngineProcesses(root), proc.stdout
+            assert line_of(lines) == "ready"
+        yield EngineProcesses(root), lines
     finally:
         for child in root.children(recursive=True):
             child.kill()
@@ -72,7 +84,7 @@ def test_counts_the_vllm_titled_processes_cpu_only() -> None:
             assert time.monotonic() < deadline, "no CPU time counted for a spinning worker"
             time.sleep(0.1)
         assert second is not None
-        assert [lines.readline().strip() for _ in range(2)] == ["idle"] * 2
+        assert [line_of(lines) for _ in range(2)] == ["idle"] * 2
         third = processes.cpu_seconds()
         time.sleep(0.5)
         fourth = processes.cpu_seconds()

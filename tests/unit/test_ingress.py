@@ -51,10 +51,12 @@ def ray_haproxy_config(
     frontend_port: int,
     servers: dict[str, tuple[str, int | tuple[int, ...]]],
     host: str = "127.0.0.1",
+    timeout_client_s: int | None = None,
 ) -> Path:
     """The config Ray 2.60 itself renders (its own template and code, as its HAProxy
     manager does) for one HTTP app per `servers` entry: path prefix -> (name, port, or
-    one port per replica), with Serve's http_options on `host`."""
+    one port per replica), with Serve's http_options on `host`; `timeout_client_s` as
+    RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S sets it (None: Ray's default)."""
     from ray.serve._private.haproxy import (
         BackendConfig,
         HAProxyApi,
@@ -72,6 +74,7 @@ def ray_haproxy_config(
         stats_port=free_port(),
         metrics_enabled=False,
         nbthread=1,
+        **({} if timeout_client_s is None else {"timeout_client_s": timeout_client_s}),
     )
     api = HAProxyApi(cfg, config_file_path=str(work / "haproxy.cfg"))
     api.set_backend_configs(

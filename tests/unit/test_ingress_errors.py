@@ -200,15 +200,17 @@ def haproxy(
     bind_host: str | None = None,
     server_maxconn: int | None = None,
     tenant_maxconn: int | None = None,
+    http_request_timeout_s: int = HTTP_REQUEST_TIMEOUT_S,
+    timeout_client_s: int | None = None,
 ) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
     with these apps (path prefix -> (name, replica port or ports)), Serve's host
     127.0.0.1; the keywords as `write_haproxy_wrapper` takes them."""
     port = free_port()
-    cfg = ray_haproxy_config(work, port, apps)
+    cfg = ray_haproxy_config(work, port, apps, timeout_client_s=timeout_client_s)
     wrapper = write_haproxy_wrapper(
         work / "bin" / "haproxy",
-        HTTP_REQUEST_TIMEOUT_S,
+        http_request_timeout_s,
         real_haproxy_binary(),
         bind_host=bind_host,
         server_maxconn=server_maxconn,
@@ -392,7 +394,10 @@ def test_soft_stop_answers_what_haproxy_holds_and_refuses_new_connections(
     threading.Thread(target=replica.serve_forever, daemon=True).start()
     try:
         with (
-            haproxy(tmp_path, {"/": ("live", replica.server_address[1])}) as ing,
+            # The held request's body is finished ~1 s later (more on a loaded machine).
+            haproxy(
+                tmp_path, {"/": ("live", replica.server_address[1])}, http_request_timeout_s=10
+            ) as ing,
             httpx.Client(base_url=ing.url, timeout=5) as kept,
             socket.create_connection(("127.0.0.1", ing.port), timeout=5) as held,
         ):
@@ -492,9 +497,10 @@ class _Waiting(socketserver.ThreadingTCPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _WaitingHandler)
+    def __init__(self, handler: type[socketserver.BaseRequestHandler] | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), handler or _WaitingHandler)
         self.ended: list[tuple[int, bool]] = []
+        self.cut_after_s = 0.0  # _Pacing: when its write failed
 
 
 def read_request(rfile: BinaryIO) -> tuple[bytes, int]:
@@ -555,6 +561,80 @@ def test_a_client_that_leaves_before_its_answer_ends_the_replicas_connection(
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
             assert replica.ended == [(len(body), True)]
+    finally:
+        replica.shutdown()
+        replica.server_close()
+
+
+class _Pacing(socketserver.StreamRequestHandler):
+    """A replica for `timeout client`: /silent answers after SILENT_S of silence, /paced
+    writes a chunk every PACE_S, anything else writes until a write fails (and records
+    when, from the answer's start, and how much it wrote)."""
+
+    server: _Waiting
+
+    def handle(self) -> None:
+        line, _ = read_request(self.rfile)
+        if b"/-/healthz" in line:
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        if b"/silent" in line:
+            time.sleep(SILENT_S)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+            return
+        self.wfile.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        )
+        if b"/paced" in line:
+            for _ in range(3):
+                time.sleep(PACE_S)
+                self.wfile.write(b"2\r\n:\n\r\n")
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        chunk = b"%x\r\n%s\r\n" % (65536, b"x" * 65536)
+        started, written = time.monotonic(), 0
+        try:
+            while written < 200_000_000:
+                self.wfile.write(chunk)
+                written += len(chunk)
+        except OSError:
+            self.server.ended.append((written, time.monotonic() - started < 60))
+            self.server.cut_after_s = time.monotonic() - started
+
+
+TIMEOUT_CLIENT_S = 2
+SILENT_S = TIMEOUT_CLIENT_S * 2
+PACE_S = TIMEOUT_CLIENT_S * 1.5
+
+
+def test_timeout_client_ends_only_a_client_that_stopped_taking_bytes(tmp_path: Path) -> None:
+    """`batchserve up`, the images and the chart set Ray's RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+    to `stream_stall_s` (serve/ingress.py). HAProxy must not apply it while a client waits
+    for a replica (a silent prefill, a stream's gaps between heartbeats), only while it
+    waits for the client: a client that stopped reading is cut, and its replica's
+    connection with it (Serve then cancels the request)."""
+    replica = _Waiting(_Pacing)
+    threading.Thread(target=replica.serve_forever, daemon=True).start()
+    try:
+        apps = {"/": ("live", replica.server_address[1])}
+        with haproxy(tmp_path, apps, timeout_client_s=TIMEOUT_CLIENT_S) as ing:
+            with httpx.Client(base_url=ing.url, timeout=30) as http:
+                assert http.get("/silent").text == "ok"  # 2x the timeout without a byte
+                assert http.get("/paced").text == ":\n" * 3  # gaps of 1.5x the timeout
+            sock = socket.create_connection(("127.0.0.1", ing.port), timeout=10)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"GET /flood HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert sock.recv(64).startswith(b"HTTP/1.1 200")  # then never reads again
+            deadline = time.monotonic() + 30
+            while not replica.ended:
+                assert time.monotonic() < deadline, "the replica's connection was never ended"
+                time.sleep(0.05)
+            sock.close()
+            ((written, _),) = replica.ended
+            # What the buffers took at full speed, then TIMEOUT_CLIENT_S without progress.
+            assert TIMEOUT_CLIENT_S <= replica.cut_after_s < TIMEOUT_CLIENT_S + 10
+            assert written < 100_000_000
     finally:
         replica.shutdown()
         replica.server_close()

@@ -180,9 +180,13 @@ ingress_headroom; 0 when shedding is off. */}}
   value: {{ include "batchserve.ingressMaxconn" . | quote }}
 - name: BATCHSERVE_HAPROXY_TENANT_MAXCONN
   value: {{ include "batchserve.ingressTenantMaxconn" . | quote }}
-# Serve's HTTP servers end a request whose client stopped reading (serve/gateway/serve_http.py).
+# A client that stopped reading: Serve's HTTP servers end its request (serve/gateway/serve_http.py),
+# and HAProxy's `timeout client` (whole seconds, rounded up) ends its connection (serve/ingress.py).
+{{- $stall := include "batchserve.setting" (list .Values.serve.settings "stream_stall_s" 30) }}
 - name: BATCHSERVE_STREAM_STALL_S
-  value: {{ include "batchserve.setting" (list .Values.serve.settings "stream_stall_s" 30) | quote }}
+  value: {{ $stall | quote }}
+- name: RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
+  value: {{ max 1 (ceil (float64 $stall)) | int | toString | quote }}
 {{- if .Values.redis.enabled }}
 # The in-chart Redis with its password (from the Secret; Kubernetes expands $(REDIS_PASSWORD)).
 - name: REDIS_PASSWORD

@@ -15,8 +15,12 @@ from __future__ import annotations
 
 import re
 import uuid
+from typing import TYPE_CHECKING
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from starlette.middleware import Middleware
 
 _SANE_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 _HEADER = b"x-request-id"
@@ -99,3 +103,11 @@ class ServeRequestIdGuard:
                 others = [(name, value) for name, value in headers if name != _HEADER]
                 scope = {**scope, "headers": [*others, (_HEADER, request_id.encode())]}
         await self.app(scope, receive, send)
+
+
+def serve_http_middlewares() -> list[Middleware]:
+    """The callback's former import path (`serve.gateway.request_id:serve_http_middlewares`),
+    kept for deployments that still name it: `serve.gateway.serve_http`'s middlewares."""
+    from serve.gateway.serve_http import serve_http_middlewares as current
+
+    return list(current())

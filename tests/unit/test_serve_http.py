@@ -51,7 +51,11 @@ async def test_serve_does_not_see_the_clients_control_headers() -> None:
 
 
 def test_the_middlewares_in_serves_order() -> None:
+    from serve.gateway import request_id
+
     middlewares = serve_http_middlewares()
+    # The former import path (deployments may still name it) gives the same list.
+    assert [m.cls for m in request_id.serve_http_middlewares()] == [m.cls for m in middlewares]
     assert [m.cls for m in middlewares] == [
         ServeControlHeaders,
         ServeRequestIdGuard,

@@ -136,8 +136,8 @@ class DrainWatch:
         self.draining_seen_at = now = time.monotonic()
         began = now if last_serving is None else last_serving
         wait_s = max(0.0, began + self._budget_s - self._margin_s - now)
-        log.warning(
-            "replica draining (%s): generations still running in %.1f s end with 503/3040",
+        log.info(
+            "replica draining (%s): a generation still running %.1f s from now ends with 503/3040",
             health.value,
             wait_s,
         )

@@ -7,7 +7,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from serve.gateway.tenants import hash_token
-from tests.ports import free_port
+from tests.ports import free_port_run
 
 TOKEN = "cluster-tier-token"
 ACCOUNT = "dev-account"
@@ -52,20 +51,6 @@ class Cluster:
         return {"Authorization": f"Bearer {TOKEN}"}
 
 
-def _free_port_run(n: int) -> int:
-    """A port p with p+1 .. p+n-1 also free (Serve gives replica i the port base + i)."""
-    for _ in range(50):
-        base = free_port()
-        try:
-            for offset in range(1, n):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", base + offset))
-        except OSError:
-            continue
-        return base
-    raise RuntimeError(f"no {n} free ports in a row")
-
-
 def _healthy(url: str) -> bool:
     try:
         return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
@@ -92,15 +77,16 @@ def haproxy_apart(hap: Path) -> dict[str, str]:
     Serve's fallback proxy apart from another cluster's (the session cluster keeps running
     while a module starts its own). `hap` must be short: HAProxy's admin socket path must
     fit in 108 bytes."""
+    side = free_port_run(4)  # bound late, when HAProxy and the fallback proxy start
     return {
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(hap / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(hap / "admin.sock"),
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(hap),
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(hap / "server-state"),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(side),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(side + 1),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(side + 2),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(side + 3),
     }
 
 
@@ -119,8 +105,10 @@ def running_cluster(
     `env` adds to (or overrides) the environment; `port_span` widens the range of
     direct-ingress ports Serve may give replicas (room for replacements).
     """
-    port, span = free_port(), port_span or replicas + 1
-    base = _free_port_run(span)
+    span = port_span or replicas + 1
+    # Serve's port, then the replicas' range after it (see tests.ports.QUIET_PORTS).
+    port = free_port_run(span + 1)
+    base = port + 1
     tenants_file = work / "tenants.yaml"
     _write_tenants(tenants_file)
     cache_dir = work / "cache"

@@ -10,16 +10,14 @@ from typing import Any
 import cloudflare
 import httpx
 import pytest
-import yaml
 from cloudflare import AsyncCloudflare
 
 from serve.cluster import build_gateway
 from serve.gateway.catalog_routes import ModelFilter, author_of, model_entry
 from serve.settings import Settings
-from serve.tenants_cli import add_token
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, TOKEN
-from tests.gateway.test_tenancy import bearer, tenancy_settings
+from tests.gateway.test_tenancy import bearer, narrow_plan_gateway
 
 AI = f"/client/v4/accounts/{ACCOUNT}/ai"
 SEARCH = f"{AI}/models/search"
@@ -161,13 +159,7 @@ async def test_tasks_and_authors(client: httpx.AsyncClient) -> None:
 
 
 async def test_plan_without_the_model_lists_nothing(tmp_path: Path, engine: FakeEngine) -> None:
-    path = tmp_path / "t.yaml"
-    token = add_token(path, tenant_id="c", accounts=["acct-c"])
-    doc = yaml.safe_load(path.read_text())
-    doc["plans"] = {"narrow": {"allowed_models": ["@cf/meta/other"]}}
-    doc["tenants"][0]["plan"] = "narrow"
-    path.write_text(yaml.safe_dump(doc))
-    app = build_gateway(tenancy_settings(tmp_path, path), engine)
+    app, token = narrow_plan_gateway(tmp_path, engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         base = "/client/v4/accounts/acct-c/ai"
         r = await c.get(f"{base}/models/search", headers=bearer(token))

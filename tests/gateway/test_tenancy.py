@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from starlette.types import ASGIApp
 
 from serve.cluster import build_gateway
 from serve.gateway.tenants import hash_token
@@ -150,14 +151,20 @@ async def test_auth_expiry_and_plan_models(client: httpx.AsyncClient) -> None:
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
 
 
-async def test_model_outside_plan_is_403(tmp_path: Path, engine: FakeEngine) -> None:
+def narrow_plan_gateway(tmp_path: Path, engine: FakeEngine) -> tuple[ASGIApp, str]:
+    """A gateway whose one tenant (`c`, account `acct-c`) has a plan without the served
+    model; its token."""
     path = tmp_path / "t.yaml"
     token = add_token(path, tenant_id="c", accounts=["acct-c"])
     doc = yaml.safe_load(path.read_text())
     doc["plans"] = {"narrow": {"allowed_models": ["@cf/meta/other"]}}
     doc["tenants"][0]["plan"] = "narrow"
     path.write_text(yaml.safe_dump(doc))
-    app = build_gateway(tenancy_settings(tmp_path, path), engine)
+    return build_gateway(tenancy_settings(tmp_path, path), engine), token
+
+
+async def test_model_outside_plan_is_403(tmp_path: Path, engine: FakeEngine) -> None:
+    app, token = narrow_plan_gateway(tmp_path, engine)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
         r = await c.post(run_url("acct-c"), headers=bearer(token), json={"prompt": "hi"})
         assert r.status_code == 403 and "plan" in r.json()["errors"][0]["message"]

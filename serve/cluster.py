@@ -162,7 +162,9 @@ def build_gateway(
         behind_serve=behind_serve,
         stream_padding=settings.stream_padding,
         stream_heartbeat_s=settings.stream_heartbeat_s,
-        stream_stall_s=settings.stream_stall_s,
+        # Behind Serve the app's writes never block (Serve queues them): the guard on
+        # Serve's own server (serve.gateway.serve_http) watches the client instead.
+        stream_stall_s=None if behind_serve else settings.stream_stall_s,
         ledger=gate.ledger,
     )
     return build_app(ctx, observability)

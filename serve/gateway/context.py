@@ -30,8 +30,9 @@ class GatewayContext:
     # Workers AI streams: pad every event; heartbeat comments until the first token.
     stream_padding: bool = False
     stream_heartbeat_s: float = 15.0
-    # A stream whose client has not taken a frame for this long is aborted.
-    stream_stall_s: float = 30.0
+    # A stream whose client has not taken a frame for this long is aborted (None: no
+    # guard in the app; behind Serve, the one on Serve's own server does it).
+    stream_stall_s: float | None = 30.0
     # Where finished requests are recorded (the usage route reads it).
     ledger: UsageLedger | None = None
 

@@ -7,8 +7,8 @@ because the client does not read:
   time and only after the previous frame was handed to the server, so while the write
   blocks the generation is suspended. Past `stall_s` it closes the body iterator (which
   aborts the engine request and frees its KV blocks) and drops the connection. This
-  needs a server `send` that blocks: plain uvicorn, or Serve running user code on its
-  own event loop.
+  needs a server `send` that blocks (plain uvicorn), so behind Serve the gateway is
+  built without it (`stall_s` None) and costs nothing per frame there.
 - `StalledClientGuard`, on the HTTP server Ray Serve runs in every replica (installed
   through Serve's HTTP callback, `serve.gateway.serve_http`). With user code on its own
   thread (Serve's default), Serve hands the app's messages to the server through an
@@ -63,15 +63,19 @@ class SendWatch:
 class GuardedStreamingResponse(StreamingResponse):
     """A `StreamingResponse` that aborts when the client stops taking frames."""
 
-    def __init__(self, content: Any, *, stall_s: float, **kwargs: Any) -> None:
+    def __init__(self, content: Any, *, stall_s: float | None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.stall_s = stall_s
         self.stalled = False
 
     async def stream_response(self, send: Send) -> None:
+        stall_s = self.stall_s
+        if stall_s is None:  # no guard here: nothing per frame
+            await super().stream_response(send)
+            return
         watch = SendWatch(send)
         async with anyio.create_task_group() as group:
-            group.start_soon(self._watch, watch, group.cancel_scope)
+            group.start_soon(self._watch, watch, stall_s, group.cancel_scope)
             try:
                 await super().stream_response(watch)
             finally:
@@ -81,12 +85,12 @@ class GuardedStreamingResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()  # runs the generation's cleanup: the engine request is aborted
 
-    async def _watch(self, watch: SendWatch, scope: anyio.CancelScope) -> None:
+    async def _watch(self, watch: SendWatch, stall_s: float, scope: anyio.CancelScope) -> None:
         while True:
-            await anyio.sleep(self.stall_s / 4)
-            if watch.stalled(self.stall_s):
+            await anyio.sleep(stall_s / 4)
+            if watch.stalled(stall_s):
                 self.stalled = True
-                log.warning("client stopped reading its stream for %.0f s; aborting", self.stall_s)
+                log.warning("client stopped reading its stream for %.0f s; aborting", stall_s)
                 scope.cancel()
                 return
 

@@ -217,12 +217,14 @@ def cmd_up(ns: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, on_signal)
         interruptible.clear()
         ready = _wait_ready(f"http://{settings.host}:{settings.port}/healthz", 900, stop)
-        if not ready:
-            if not stop.is_set():
-                print("batchserve did not become healthy in time", file=sys.stderr)
-                return 1
-            return 0
-        print(_banner(settings, token), flush=True)
+        if not ready and not stop.is_set():
+            print("batchserve did not become healthy in time", file=sys.stderr)
+            return 1
+        # A signal before this process saw the stack ready drains too: clients may
+        # already be served (HAProxy answers as soon as a replica is up, up to a poll
+        # interval before `_wait_ready` notices), and a stop would cut their streams.
+        if ready:
+            print(_banner(settings, token), flush=True)
         while not stop.wait(0.5):
             if rollout.is_set():
                 rollout.clear()

@@ -115,3 +115,24 @@ def test_nothing_interrupts_the_stop(
     monkeypatch.setattr(FakeCluster, "on_stop", staticmethod(stop_under_signals))
     assert up() == 0
     assert FakeCluster.instances[0].calls[-2:] == ["stop", "stopped"]
+
+
+def test_a_signal_before_up_saw_the_stack_ready_still_drains(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HAProxy serves as soon as a replica is up, up to a poll before `_wait_ready` sees it:
+    a SIGTERM then must drain the streams already running, not stop and cut them (a
+    clean-clone CI run of tests/cluster/test_shutdown.py: its long stream was cut 0.64 s
+    after the signal, and `up` exited after 3 s without draining)."""
+
+    def wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.wait(5)
+        return False
+
+    monkeypatch.setattr(FakeCluster, "on_start", staticmethod(lambda: None))
+    monkeypatch.setattr(cli, "_wait_ready", wait_ready)
+    assert up() == 0
+    assert FakeCluster.instances[0].calls == ["start", "drain", "drained", "stop", "stopped"]
+    out = capsys.readouterr().out
+    assert "batchserve is up" not in out and "draining the replicas" in out

@@ -148,6 +148,7 @@ class Gate:
         max_tokens: int,
         choices: int,
         headers_out: dict[str, str],
+        wait: bool = True,
     ) -> Ticket:
         plan = caller.tenant.plan
         if not plan.allows_model(caller.model):
@@ -164,7 +165,7 @@ class Gate:
         headers_out.update(reservation.state.headers())
         try:
             lease = await self.queue.acquire(
-                caller.tenant.tenant_id, weight=plan.weight, slots=choices
+                caller.tenant.tenant_id, weight=plan.weight, slots=choices, wait=wait
             )
         except BaseException:
             await self.limiter.settle(reservation, 0)

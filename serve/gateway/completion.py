@@ -381,9 +381,11 @@ class CompletionService:
         caller: Caller | None = None,
         *,
         headers_out: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> Completion:
-        """Admit the request or refuse it with 429/3040 (never queue without bound)."""
-        (completion,) = await self.start_all([prepared], caller, headers_out=headers_out)
+        """Admit the request or refuse it with 429/3040 (never queue without bound;
+        with `wait` False, never queue at all)."""
+        (completion,) = await self.start_all([prepared], caller, headers_out=headers_out, wait=wait)
         return completion
 
     async def start_all(
@@ -393,6 +395,7 @@ class CompletionService:
         *,
         request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> list[Completion]:
         """Admit all of one request's choices or none: the caller's plan limits, then a
         fair share of this replica's slots (waiting in the caller's queue if need be)."""
@@ -409,6 +412,7 @@ class CompletionService:
                 max_tokens=first.sampling.max_tokens,
                 choices=len(prepared),
                 headers_out={} if headers_out is None else headers_out,
+                wait=wait,
             )
         self.started_total += len(prepared)
         return [Completion(prepared=p, _service=self, ticket=ticket) for p in prepared]

@@ -100,7 +100,11 @@ class FairQueue:
         per_slot = (self.queued + 1) / max(self.capacity, 1)
         return max(self._min_retry_s, math.ceil(self._hold_s * per_slot))
 
-    async def acquire(self, tenant_id: str, *, weight: int = 1, slots: int = 1) -> Lease:
+    async def acquire(
+        self, tenant_id: str, *, weight: int = 1, slots: int = 1, wait: bool = True
+    ) -> Lease:
+        """Slots for one request: at once, after a wait in the tenant's queue, or a 429.
+        `wait=False` (Workers AI `options.rejectIfBusy`) refuses what would have to wait."""
         if slots > self.capacity:
             raise OutOfCapacity(retry_after_s=self._min_retry_s)
         state = self._tenants.get(tenant_id)
@@ -110,7 +114,7 @@ class FairQueue:
         if not state.waiters and self._fits(state, slots):
             self._take(state, slots)
             return Lease(self, tenant_id, slots)
-        refused = self._refusal(state, slots)
+        refused = self._refusal(state, slots) if wait else self._busy()
         if refused is not None:
             self._forget_if_idle(tenant_id)
             raise refused
@@ -155,6 +159,10 @@ class FairQueue:
                 reason="queue_full",
             )
         return None
+
+    def _busy(self) -> BatchserveError:
+        """The refusal of a request that asked not to wait (`rejectIfBusy`)."""
+        return OutOfCapacity(retry_after_s=self.retry_after_s(), reason="capacity")
 
     def _fits(self, state: _Tenant, slots: int) -> bool:
         if self.in_use + slots > self.capacity:

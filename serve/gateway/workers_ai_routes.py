@@ -145,6 +145,7 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
             prepared,
             Caller.of(tenant, account_id, model),
             headers_out=rate_headers(request.scope),
+            wait=not run_input.reject_if_busy,
         )
         if run_input.stream:
             frames = sse_stream(completion, padding=ctx.stream_padding)

@@ -329,6 +329,9 @@ class RunInput:
     frequency_penalty: float | None
     presence_penalty: float | None
     response_format: dict[str, Any] | None
+    # `options.rejectIfBusy` (a request option beside the model's input, not in its
+    # schema): refuse with 429/3040 at once rather than wait for a free slot.
+    reject_if_busy: bool = False
 
 
 _CASTS: Final[dict[str, Callable[[Any], Any]]] = {
@@ -353,7 +356,7 @@ def parse_run_input(body: object) -> RunInput:
     is_prompt = not schema_failures(body, _PROMPT_BRANCH)
     known = (_PROMPT_BRANCH if is_prompt else _MESSAGES_BRANCH)["properties"]
     values: dict[str, Any] = {f.name: None for f in fields(RunInput)}
-    values.update(raw=False, stream=False)
+    values.update(raw=False, stream=False, reject_if_busy=_reject_if_busy(body))
     for name in values:
         if name in known and body.get(name) is not None:
             values[name] = _CASTS.get(known[name]["type"], lambda v: v)(body[name])
@@ -362,6 +365,11 @@ def parse_run_input(body: object) -> RunInput:
             ChatMessage(role=m["role"], content=m["content"]) for m in body["messages"]
         )
     return RunInput(**values)
+
+
+def _reject_if_busy(body: Mapping[str, Any]) -> bool:
+    options = body.get("options")
+    return isinstance(options, dict) and options.get("rejectIfBusy") is True
 
 
 class _NotJson(ValueError):

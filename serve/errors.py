@@ -22,6 +22,8 @@ class BatchserveError(Exception):
     close_connection: bool = False
     # The methods the URI supports: a 405's `Allow` header (RFC 9110 requires one).
     allowed: tuple[str, ...] = ()
+    # The causes Cloudflare's v4 API lists under the error (`error_chain`): (code, message).
+    chain: tuple[tuple[int, str], ...] = ()
 
     def __init__(
         self,
@@ -125,6 +127,21 @@ class MissingCredentials(BatchserveError):
         self, message: str = "Missing X-Auth-Key, X-Auth-Email or Authorization headers"
     ) -> None:
         super().__init__(message)
+
+
+class MalformedAuthorization(BatchserveError):
+    """An Authorization header that is not `Bearer <token>` (Cloudflare's v4 API: 400,
+    6003 with the cause 6111 in `error_chain`)."""
+
+    status = 400
+    code = 6003
+    openai_type = "invalid_request_error"
+    openai_code = "invalid_api_key"
+    gateway_layer = True
+    chain = ((6111, "Invalid format for Authorization header"),)
+
+    def __init__(self) -> None:
+        super().__init__("Invalid request headers")
 
 
 class AuthenticationFailed(BatchserveError):

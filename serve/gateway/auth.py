@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from starlette.datastructures import Headers
 
-from serve.errors import AccountForbidden, AuthenticationFailed, MissingCredentials
+from serve.errors import (
+    AccountForbidden,
+    AuthenticationFailed,
+    MalformedAuthorization,
+    MissingCredentials,
+)
 from serve.gateway.tenants import Tenant, TenantStore, hash_token
 
 
@@ -26,7 +31,7 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise AuthenticationFailed()
+            raise MalformedAuthorization()
         digest = hash_token(token)
         tenant = self._store.by_token_hash(digest)
         # The lookup is keyed by the SHA-256 of the secret, never the secret itself,

@@ -48,10 +48,13 @@ def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
                 "code": err.openai_code or str(err.code),
             }
         }
+    error: dict[str, Any] = {"code": err.code, "message": err.message}
+    if err.chain:
+        error["error_chain"] = [{"code": code, "message": text} for code, text in err.chain]
     return {
         "result": None if err.gateway_layer else {},
         "success": False,
-        "errors": [{"code": err.code, "message": err.message}],
+        "errors": [error],
         "messages": [],
     }
 
@@ -60,7 +63,7 @@ def error_status(err: BatchserveError, dialect: Dialect) -> int:
     # OpenAI clients expect a 401 for missing keys, a 404 for unknown models and a
     # 400 (BadRequestError, code context_length_exceeded) for an over-long request.
     if dialect is Dialect.OPENAI:
-        if err.code == 9106:
+        if err.code in (9106, 6003):  # no key, or not a Bearer key: OpenAI's 401
             return 401
         if err.openai_code == "model_not_found":
             return 404

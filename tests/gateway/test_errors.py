@@ -94,6 +94,21 @@ async def test_bad_token(client: httpx.AsyncClient) -> None:
     assert_envelope(r, 401, 10000)
 
 
+@pytest.mark.parametrize("header", ["Token abc", "Basic dXNlcjpwYXNz", "Bearer", "Bearer  "])
+async def test_malformed_authorization_header(client: httpx.AsyncClient, header: str) -> None:
+    """Cloudflare's v4 API: 400/6003 with 6111 in `error_chain`, not a bad token's 401."""
+    r = await client.post(RUN_URL, headers={"Authorization": header}, json={"prompt": "x"})
+    body = assert_envelope(r, 400, 6003)
+    assert body["result"] is None
+    assert body["errors"] == [
+        {
+            "code": 6003,
+            "message": "Invalid request headers",
+            "error_chain": [{"code": 6111, "message": "Invalid format for Authorization header"}],
+        }
+    ]
+
+
 async def test_foreign_account(client: httpx.AsyncClient) -> None:
     r = await client.post(
         f"/client/v4/accounts/other/ai/run/{MODEL}", headers=AUTH, json={"prompt": "x"}

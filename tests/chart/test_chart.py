@@ -535,6 +535,27 @@ def test_gpu_workers_and_cpu_head(profiles: dict[str, list[dict[str, Any]]]) -> 
     assert "emptyDir" in {v["name"]: v for v in cpu["template"]["spec"]["volumes"]}["model-cache"]
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_deleted_worker_pods_drain_their_streams_before_ray_stops(profile: str) -> None:
+    """Pod deletion (node drain, eviction) SIGTERMs `ray start`, which drains the node for
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (Ray's default: 30 s) and then kills the replicas:
+    it must cover the replicas' graceful_shutdown_timeout_s and end before the SIGKILL."""
+    from ray._private import ray_constants
+
+    assert hasattr(ray_constants, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S")
+    docs = documents(profile_values(profile))
+    args = _serve_config(docs)["applications"][0]["args"]
+    stream_budget = args.get(
+        "graceful_shutdown_timeout_s", Settings.model_fields["graceful_shutdown_timeout_s"].default
+    )
+    (worker,) = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    pod = worker["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    drain_s = float(env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"])
+    assert stream_budget < drain_s < pod["terminationGracePeriodSeconds"]
+
+
 @pytest.mark.parametrize(
     ("cache", "key"),
     [

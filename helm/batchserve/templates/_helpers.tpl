@@ -208,11 +208,14 @@ ingress_headroom; 0 when shedding is off. */}}
   value: {{ default 2 .Values.serve.settings.cpu_kv_cache_gib | int | toString | quote }}
 {{- end }}
 {{- with .Values.hfToken.existingSecret }}
+# Optional: only gated weights need it (README: "gated weights only"); a missing Secret must
+# not keep every Ray pod in CreateContainerConfigError.
 - name: HF_TOKEN
   valueFrom:
     secretKeyRef:
       name: {{ . }}
       key: {{ $.Values.hfToken.key }}
+      optional: true
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}

@@ -63,11 +63,23 @@ ALL_ON = {
     "redis": {"enabled": True},
     "monitoring": {
         "podMonitor": {"enabled": True},
-        "serviceMonitor": {"enabled": True},
         "prometheusRule": {"enabled": True},
         "grafanaDashboard": {"enabled": True},
     },
 }
+
+
+SERVICE_MONITOR = {
+    "monitoring": {"podMonitor": {"enabled": False}, "serviceMonitor": {"enabled": True}}
+}
+
+
+def test_pod_and_service_monitor_together_are_refused() -> None:
+    """Both scrape the same pod ports: every series twice (the ServiceMonitor's carry a
+    `service` label), so sum(rate(batchserve_generated_tokens_total[1m])) doubles."""
+    both = {"monitoring": {"podMonitor": {"enabled": True}, "serviceMonitor": {"enabled": True}}}
+    with pytest.raises(helm.HelmError, match="enable one"):
+        render(both)
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +87,8 @@ def profiles() -> dict[str, list[dict[str, Any]]]:
     """Rendered objects of every profile, plus every optional component switched on."""
     rendered = {name: documents(profile_values(name)) for name in PROFILES}
     rendered["all-on"] = documents(ALL_ON)
+    # The ServiceMonitor instead of the PodMonitor (never both).
+    rendered["service-monitor"] = documents(merged(ALL_ON, SERVICE_MONITOR))
     return rendered
 
 
@@ -966,14 +980,18 @@ def test_monitors_scrape_ray_and_every_replica(profiles: dict[str, list[dict[str
     docs = profiles["all-on"]
     (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
     assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics", "replica"]
-    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (sm,) = [d for d in profiles["service-monitor"] if d["kind"] == "ServiceMonitor"]
     assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "replica"]
     worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     c = worker["template"]["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     env = {e["name"]: e.get("value") for e in c["env"]}
     assert str(ports["replica"]) == env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30000"
-    (svc,) = [d for d in docs if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"]
+    (svc,) = [
+        d
+        for d in profiles["service-monitor"]
+        if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"
+    ]
     assert {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "replica"}
 
 
@@ -1012,7 +1030,7 @@ def test_monitors_give_the_local_prometheus_job_names(
     assert local_ports == {"batchserve": {30000}, "ray": {8080}}
     docs = profiles["all-on"]
     (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
-    (sm,) = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    (sm,) = [d for d in profiles["service-monitor"] if d["kind"] == "ServiceMonitor"]
     for endpoints in (pm["spec"]["podMetricsEndpoints"], sm["spec"]["endpoints"]):
         assert _endpoint_jobs(endpoints) == {"metrics": "ray", "replica": "batchserve"}
     assert _job_matchers() <= set(local_ports)

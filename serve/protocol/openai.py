@@ -9,6 +9,8 @@ Decided limits of this dialect:
   batches and token-id prompts are refused with a 400.
 - `logprobs` / `top_logprobs` are refused with a 400 (not wired through the engine);
   `logprobs: false` / `null` and `top_logprobs: 0` are accepted.
+- `logit_bias` is refused with a 400 unless empty (not wired through the engine; a
+  token ban silently ignored would break what the caller asked for).
 - `echo`, `suffix` and `best_of` > 1 (completions) are refused with a 400.
 - This model does not call tools: `tools` are accepted and unused, so a `tool_choice`
   (or legacy `function_call`) that forces a call is refused with a 400; `auto` and
@@ -91,6 +93,7 @@ class _Common(_Wire):
     seed: Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)] | None = None
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream: Annotated[bool, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "null"}]})] = (
         False
@@ -138,6 +141,8 @@ class _Common(_Wire):
         return None, True
 
     def check_common(self) -> None:
+        if self.logit_bias:
+            raise BadInput("logit_bias is not supported", param="logit_bias")
         if "" in self.stop_strings:
             raise BadInput("stop strings must not be empty", param="stop")
         if self.stream_options is not None and not self.stream:

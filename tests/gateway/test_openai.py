@@ -413,6 +413,7 @@ async def test_content_parts_and_developer_role(
 
 async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
     body = {"model": MODEL, "messages": HI, "max_tokens": 1, "tools": None, "whatever": {"x": 1}}
+    body |= {"logit_bias": {}}  # an empty bias asks for nothing
     assert (await client.post(CHAT, headers=AUTH, json=body)).status_code == 200
 
 
@@ -432,6 +433,9 @@ async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
         (CHAT, {"stop": ""}, "stop"),
         (CHAT, {"logprobs": True}, "logprobs"),
         (CHAT, {"top_logprobs": 2}, "top_logprobs"),
+        # Not wired through the engine: a ban must not be silently ignored.
+        (CHAT, {"logit_bias": {"7042": -100}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias"),
         (CHAT, {"messages": []}, "messages"),
         # Tool calls are not supported: forcing one must not quietly answer in plain text.
         (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),

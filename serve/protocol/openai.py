@@ -11,6 +11,8 @@ Decided limits of this dialect:
   `logprobs: false` / `null` and `top_logprobs: 0` are accepted.
 - `logit_bias` is refused with a 400 unless empty (not wired through the engine; a
   token ban silently ignored would break what the caller asked for).
+- vLLM's own sampling extensions `top_k` and `repetition_penalty` are honoured, as
+  vLLM's OpenAI server honours them.
 - `echo`, `suffix` and `best_of` > 1 (completions) are refused with a 400.
 - This model does not call tools: `tools` are accepted and unused, so a `tool_choice`
   (or legacy `function_call`) that forces a call is refused with a 400; `auto` and
@@ -93,6 +95,9 @@ class _Common(_Wire):
     seed: Annotated[int, Field(ge=_SEED_MIN, le=_SEED_MAX)] | None = None
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
+    # vLLM's extensions: top_k -1 or 0 means no top-k; repetition_penalty must be > 0.
+    top_k: Annotated[int, Field(ge=-1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     stream: Annotated[bool, WithJsonSchema({"anyOf": [{"type": "boolean"}, {"type": "null"}]})] = (
@@ -139,6 +144,10 @@ class _Common(_Wire):
             if fmt.json_schema.schema_ is not None:
                 return fmt.json_schema.schema_, False
         return None, True
+
+    @property
+    def wanted_top_k(self) -> int | None:
+        return self.top_k if self.top_k is not None and self.top_k > 0 else None
 
     def check_common(self) -> None:
         if self.logit_bias:

@@ -411,6 +411,23 @@ async def test_content_parts_and_developer_role(
     assert list(engine.requests[-1].prompt_token_ids) == [ord(c) for c in expected]
 
 
+@pytest.mark.parametrize("path", [CHAT, "/v1/completions"])
+async def test_vllm_sampling_extensions_reach_the_engine(
+    client: httpx.AsyncClient, engine: FakeEngine, path: str
+) -> None:
+    """`top_k` and `repetition_penalty`, as vLLM's OpenAI server takes them (not ignored)."""
+    base: dict[str, object] = {"model": MODEL, "max_tokens": 1}
+    base["messages" if path == CHAT else "prompt"] = HI if path == CHAT else "a"
+    extra = {"top_k": 5, "repetition_penalty": 1.3}
+    r = await client.post(path, headers=AUTH, json={**base, **extra})
+    assert r.status_code == 200, r.text
+    sampling = engine.requests[-1].sampling
+    assert (sampling.top_k, sampling.repetition_penalty) == (5, 1.3)
+    r = await client.post(path, headers=AUTH, json={**base, "top_k": -1})
+    assert r.status_code == 200, r.text
+    assert engine.requests[-1].sampling.top_k is None  # -1: no top-k, as in vLLM
+
+
 async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
     body = {"model": MODEL, "messages": HI, "max_tokens": 1, "tools": None, "whatever": {"x": 1}}
     body |= {"logit_bias": {}}  # an empty bias asks for nothing
@@ -436,6 +453,8 @@ async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
         # Not wired through the engine: a ban must not be silently ignored.
         (CHAT, {"logit_bias": {"7042": -100}}, "logit_bias"),
         ("/v1/completions", {"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias"),
+        (CHAT, {"top_k": -2}, "top_k"),
+        (CHAT, {"repetition_penalty": 0}, "repetition_penalty"),
         (CHAT, {"messages": []}, "messages"),
         # Tool calls are not supported: forcing one must not quietly answer in plain text.
         (CHAT, {"tools": [TOOL], "tool_choice": "required"}, "tool_choice"),

@@ -17,7 +17,8 @@ Decided limits of this dialect:
 - This model does not call tools: `tools` are accepted and unused, so a `tool_choice`
   (or legacy `function_call`) that forces a call is refused with a 400; `auto` and
   `none` are served as plain text.
-- `content` may be null (or absent) only on an assistant message.
+- `content` may be null (or absent) only on an assistant message; the text parts of
+  an array `content` are joined with newlines, as vLLM joins them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ _SEED_MAX: Final = 2**63 - 1
 _TYPE_TAGS: Final = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 _Penalty = Annotated[float, Field(ge=-2, le=2)]
+# How vLLM's OpenAI server joins the text parts of one message's `content` array.
+TEXT_PART_SEPARATOR: Final = "\n"
 
 
 class _Wire(BaseModel):
@@ -244,7 +247,7 @@ def _text_of(content: str | list[ContentPart] | None, index: int) -> str:
                 param=f"messages[{index}].content[{part_index}]",
             )
         texts.append(part.text)
-    return "".join(texts)
+    return TEXT_PART_SEPARATOR.join(texts)
 
 
 def _param_of(loc: Sequence[int | str]) -> str:

@@ -39,10 +39,12 @@ class Choices:
         *,
         request_id: str | None = None,
         headers_out: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> Choices:
-        """Admit all choices or none: n choices take n of the replica's slots."""
+        """Admit all choices or none: n choices take n of the replica's slots (with `wait`
+        False, refused rather than queued when they are not free)."""
         completions = await service.start_all(
-            prepared, caller, request_id=request_id, headers_out=headers_out
+            prepared, caller, request_id=request_id, headers_out=headers_out, wait=wait
         )
         return cls(completions)
 

@@ -127,6 +127,7 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
             Caller.of(tenant, request.path_params.get("account_id"), ctx.model_name),
             request_id=request_id,
             headers_out=rate_headers(request.scope),
+            wait=not body.reject_if_busy,
         )
         prefix = "chatcmpl-" if isinstance(body, ChatCompletionRequest) else "cmpl-"
         meta = ResponseMeta(

@@ -82,6 +82,13 @@ class ResponseFormat(_Wire):
     json_schema: JsonSchemaFormat | None = None
 
 
+class RequestOptions(_Wire):
+    """Cloudflare's request options beside the input (its OpenAI-compatible route honours
+    them too): `rejectIfBusy` refuses with 429 at once instead of waiting for a slot."""
+
+    reject_if_busy: bool = Field(default=False, alias="rejectIfBusy")
+
+
 class _Common(_Wire):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -108,6 +115,7 @@ class _Common(_Wire):
     )
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    options: RequestOptions | None = None
 
     @field_validator("n", "stream", mode="before")
     @classmethod
@@ -147,6 +155,10 @@ class _Common(_Wire):
             if fmt.json_schema.schema_ is not None:
                 return fmt.json_schema.schema_, False
         return None, True
+
+    @property
+    def reject_if_busy(self) -> bool:
+        return self.options is not None and self.options.reject_if_busy
 
     @property
     def wanted_top_k(self) -> int | None:

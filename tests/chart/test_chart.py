@@ -933,7 +933,7 @@ def test_notes_tell_how_to_add_tenants_and_what_to_scrape() -> None:
     assert "tenants.entries" in cpu and "tenants.existingSecret" in cpu
     assert "Edit the Secret" not in cpu and "Edit that Secret" not in cpu
     # Monitoring off: both ports, with the job names the rules and dashboard select on.
-    assert 'port 30000 of every worker pod, job "batchserve"' in cpu
+    assert 'ports 30000-30003 of every worker pod, job "batchserve"' in cpu
     assert 'port 8080 of every Ray pod, job "ray"' in cpu
     # A Secret of the user's own (gpu profile): that one is edited, the chart never writes it.
     gpu = _notes(profile_values("gpu"))
@@ -976,23 +976,182 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_monitors_scrape_ray_and_every_replica(profiles: dict[str, list[dict[str, Any]]]) -> None:
-    docs = profiles["all-on"]
-    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
-    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics", "replica"]
-    (sm,) = [d for d in profiles["service-monitor"] if d["kind"] == "ServiceMonitor"]
-    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics", "replica"]
-    worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    c = worker["template"]["spec"]["containers"][0]
-    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+def _container_ports(c: dict[str, Any]) -> dict[str, int]:
+    names = [p["name"] for p in c["ports"]]
+    assert len(names) == len(set(names)), names
+    assert all(len(n) <= 15 for n in names), names  # Kubernetes' IANA_SVC_NAME limit
+    return {p["name"]: p["containerPort"] for p in c["ports"]}
+
+
+def _serve_port_range(c: dict[str, Any]) -> range:
+    """The ports Serve may give a replica on this pod: PortAllocator takes them from
+    range(RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT, ..._MAX_HTTP_PORT), Ray's defaults (30000,
+    31000) where the container does not set them."""
+    from ray.serve._private import constants
+
     env = {e["name"]: e.get("value") for e in c["env"]}
-    assert str(ports["replica"]) == env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "30000"
-    (svc,) = [
-        d
-        for d in profiles["service-monitor"]
-        if d["kind"] == "Service" and d["spec"].get("clusterIP") == "None"
+    lo = int(env.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT") or 30000)
+    hi = int(env.get("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT") or 31000)
+    assert constants.RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT == 31000  # the default assumed
+    return range(lo, hi)
+
+
+def _ray_containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    cluster = rayservice(docs)["spec"]["rayClusterConfig"]
+    out = {"head": cluster["headGroupSpec"]["template"]["spec"]["containers"][0]}
+    for group in cluster["workerGroupSpecs"]:
+        out[f"worker:{group['groupName']}"] = group["template"]["spec"]["containers"][0]
+    return out
+
+
+def _replica_endpoint_ports(docs: list[dict[str, Any]], pod: dict[str, Any]) -> set[int]:
+    """Ports of this Ray container the release's PodMonitor or ServiceMonitor scrapes as
+    job="batchserve" (a ServiceMonitor endpoint names a Service port, whose targetPort names
+    the container port; a name the pod lacks is no target on it)."""
+    ports = _container_ports(pod)
+    monitors = [d for d in docs if d["kind"] in {"PodMonitor", "ServiceMonitor"}]
+    (monitor,) = monitors
+    if monitor["kind"] == "PodMonitor":
+        endpoints = monitor["spec"]["podMetricsEndpoints"]
+        names = [e["port"] for e in endpoints if _endpoint_jobs([e])[e["port"]] == "batchserve"]
+    else:
+        (svc,) = [
+            d
+            for d in docs
+            if d["kind"] == "Service"
+            and d["metadata"]["labels"].get("app.kubernetes.io/component") == "metrics"
+        ]
+        assert svc["spec"]["clusterIP"] == "None"
+        target = {p["name"]: p["targetPort"] for p in svc["spec"]["ports"]}
+        endpoints = monitor["spec"]["endpoints"]
+        names = [
+            target[e["port"]] for e in endpoints if _endpoint_jobs([e])[e["port"]] == "batchserve"
+        ]
+    return {ports[n] for n in names if n in ports}
+
+
+@pytest.mark.parametrize("profile", ["all-on", "service-monitor", "gpu"])
+def test_monitors_scrape_every_port_serve_can_give_a_replica(
+    profiles: dict[str, list[dict[str, Any]]], profile: str
+) -> None:
+    """A replacement replica takes the next port while its predecessor's is quarantined
+    (150 s): every port of Serve's range on a worker pod is declared, scraped as
+    job="batchserve" and open to Prometheus; the range is the documented window."""
+    docs = profiles[profile]
+    worker = _ray_containers(docs)["worker:gpu"]
+    window = _serve_port_range(worker)
+    assert list(window) == [30000, 30001, 30002, 30003]  # monitoring.replicaMetricsPortCount: 4
+    declared = _container_ports(worker)
+    assert set(window) <= set(declared.values())
+    assert [n for n, p in declared.items() if p in window] == [
+        "replica",
+        "replica-1",
+        "replica-2",
+        "replica-3",
     ]
-    assert {p["name"] for p in svc["spec"]["ports"]} == {"metrics", "replica"}
+    assert _replica_endpoint_ports(docs, worker) == set(window)
+    # Ray's metrics port is scraped too, as job="ray".
+    (monitor,) = [d for d in docs if d["kind"] in {"PodMonitor", "ServiceMonitor"}]
+    endpoints = monitor["spec"].get("podMetricsEndpoints") or monitor["spec"]["endpoints"]
+    assert _endpoint_jobs(endpoints)["metrics"] == "ray"
+    # The NetworkPolicy lets Prometheus reach each of them.
+    (policy,) = [
+        d for d in docs if d["kind"] == "NetworkPolicy" and "redis" not in d["metadata"]["name"]
+    ]
+    (rule,) = [
+        r
+        for r in policy["spec"]["ingress"]
+        if {"port": "metrics", "protocol": "TCP"} in r.get("ports", [])
+    ]
+    assert {p["port"] for p in rule["ports"]} >= set(window)
+
+
+def test_every_port_rays_allocator_hands_out_is_scraped(
+    profiles: dict[str, list[dict[str, Any]]],
+) -> None:
+    """Ray's own PortAllocator over the rendered range: one replica, then replacements while
+    the stopped replicas' ports are quarantined. Each port it hands out is scraped; past the
+    window it refuses (the replica retries once a port leaves quarantine) rather than give
+    out a port nobody scrapes. The old chart (only 30000 scraped, Ray's range to 31000)
+    failed at the first replacement."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import RAY_SERVE_PORT_QUARANTINE_S
+    from ray.serve._private.node_port_manager import NoAvailablePortError, PortAllocator
+
+    assert RAY_SERVE_PORT_QUARANTINE_S > 0
+    docs = profiles["all-on"]
+    worker = _ray_containers(docs)["worker:gpu"]
+    window = _serve_port_range(worker)
+    scraped = _replica_endpoint_ports(docs, worker)
+    allocator = PortAllocator(window.start, window.stop, RequestProtocol.HTTP, "node")
+    handed = [allocator.allocate("r0")]
+    for i in range(1, len(window)):
+        allocator.release(f"r{i - 1}", handed[-1])  # crashed: its port is quarantined
+        handed.append(allocator.allocate(f"r{i}"))
+    assert handed == [30000, 30001, 30002, 30003]
+    assert set(handed) <= scraped
+    allocator.release(f"r{len(window) - 1}", handed[-1])
+    with pytest.raises(NoAvailablePortError):
+        allocator.allocate("one-too-many")
+
+
+@pytest.mark.parametrize(
+    ("values", "hosted"),
+    [
+        # Four GPUs, one per replica: four replicas on a pod (maxReplicas 4).
+        ({"worker": {"gpusPerPod": 4}}, 4),
+        # Fewer replicas than the GPUs would fit.
+        ({"worker": {"gpusPerPod": 8}, "serve": {"autoscaling": {"maxReplicas": 6}}}, 6),
+    ],
+)
+def test_port_window_must_exceed_the_replicas_a_pod_hosts(
+    values: dict[str, Any], hosted: int
+) -> None:
+    """Serve's range is bounded to the scraped window: a pod hosting as many replicas as the
+    window holds would leave a replacement no port, so the chart refuses it."""
+    with pytest.raises(helm.HelmRenderError, match=rf"can host \({hosted}\)"):
+        render(values)
+    more = merged(values, {"monitoring": {"replicaMetricsPortCount": hosted + 1}})
+    worker = _ray_containers(documents(merged(ALL_ON, more)))["worker:gpu"]
+    assert len(_serve_port_range(worker)) == hosted + 1
+
+
+def test_cpu_profile_ports_and_a_head_that_hosts_replicas() -> None:
+    """The CPU profile's head has num-cpus "0" (no replica, no replica ports); given CPUs it
+    hosts replicas, and then declares the window too, scraped like the workers'."""
+    cpu = profile_values("cpu")
+    docs = documents(merged(cpu, {"monitoring": {"podMonitor": {"enabled": True}}}))
+    pods = _ray_containers(docs)
+    assert _replica_endpoint_ports(docs, pods["head"]) == set()
+    assert _replica_endpoint_ports(docs, pods["worker:cpu"]) == set(range(30000, 30004))
+    head_cpus = merged(
+        cpu,
+        {
+            "head": {"rayStartParams": {"num-cpus": "1"}},
+            "monitoring": {"podMonitor": {"enabled": True}},
+        },
+    )
+    docs = documents(head_cpus)
+    for pod in _ray_containers(docs).values():
+        assert _replica_endpoint_ports(docs, pod) == set(_serve_port_range(pod))
+
+
+def test_replica_metrics_port_zero_scrapes_no_replica_port() -> None:
+    docs = documents(merged(ALL_ON, {"monitoring": {"replicaMetricsPort": 0}}))
+    for pod in _ray_containers(docs).values():
+        assert not any(n.startswith("replica") for n in _container_ports(pod))
+        env = {e["name"] for e in pod["env"]}
+        assert not env & {
+            "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT",
+            "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT",
+        }
+    (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
+    assert [e["port"] for e in pm["spec"]["podMetricsEndpoints"]] == ["metrics"]
+
+
+def test_port_window_stays_below_65536() -> None:
+    with pytest.raises(helm.HelmRenderError, match="past port 65535"):
+        render({"monitoring": {"replicaMetricsPort": 65534}})
 
 
 def _job_matchers() -> set[str]:
@@ -1027,26 +1186,24 @@ def test_monitors_give_the_local_prometheus_job_names(
         c["job_name"]: {int(t.rsplit(":", 1)[1]) for s in c["static_configs"] for t in s["targets"]}
         for c in local["scrape_configs"]
     }
-    assert local_ports == {"batchserve": {30000}, "ray": {8080}}
+    window = {30000, 30001, 30002, 30003}
+    assert local_ports == {"batchserve": window, "ray": {8080}}
+    jobs = {"metrics": "ray", "replica": "batchserve"} | {
+        f"replica-{i}": "batchserve" for i in range(1, 4)
+    }
     docs = profiles["all-on"]
     (pm,) = [d for d in docs if d["kind"] == "PodMonitor"]
     (sm,) = [d for d in profiles["service-monitor"] if d["kind"] == "ServiceMonitor"]
     for endpoints in (pm["spec"]["podMetricsEndpoints"], sm["spec"]["endpoints"]):
-        assert _endpoint_jobs(endpoints) == {"metrics": "ray", "replica": "batchserve"}
+        assert _endpoint_jobs(endpoints) == jobs
     assert _job_matchers() <= set(local_ports)
-    # The ports behind those names are the ones the local config scrapes.
-    worker = rayservice(docs)["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
-    ports = {
-        p["name"]: p["containerPort"] for p in worker["template"]["spec"]["containers"][0]["ports"]
-    }
-    assert {ports["replica"]} == local_ports["batchserve"]
-    assert {ports["metrics"]} == local_ports["ray"]
+    # The ports behind those names are the ones the local config scrapes: the same window.
+    worker = _ray_containers(docs)["worker:gpu"]
+    assert _replica_endpoint_ports(docs, worker) == local_ports["batchserve"]
+    assert {_container_ports(worker)["metrics"]} == local_ports["ray"]
     # The gpu profile (PodMonitor on) too.
     (gpu_pm,) = [d for d in profiles["gpu"] if d["kind"] == "PodMonitor"]
-    assert _endpoint_jobs(gpu_pm["spec"]["podMetricsEndpoints"]) == {
-        "metrics": "ray",
-        "replica": "batchserve",
-    }
+    assert _endpoint_jobs(gpu_pm["spec"]["podMetricsEndpoints"]) == jobs
 
 
 def test_grafana_configmap_holds_the_deploy_dashboards(

@@ -160,6 +160,95 @@ ingress_headroom; 0 when shedding is off. */}}
 {{- end -}}
 {{- end -}}
 
+{{/* Ray CPUs of a pod: rayStartParams num-cpus, else (as KubeRay does) the container's CPU
+limit, else its request; a Kubernetes quantity ("2", "500m") as a float. Args: (rayStartParams,
+resources). */}}
+{{- define "batchserve.rayCpus" -}}
+{{- $params := index . 0 | default dict -}}
+{{- $res := index . 1 | default dict -}}
+{{- $q := "" -}}
+{{- if hasKey $params "num-cpus" -}}
+{{- $q = index $params "num-cpus" -}}
+{{- else if and $res.limits (hasKey $res.limits "cpu") -}}
+{{- $q = $res.limits.cpu -}}
+{{- else if and $res.requests (hasKey $res.requests "cpu") -}}
+{{- $q = $res.requests.cpu -}}
+{{- end -}}
+{{- $q = toString $q -}}
+{{- if hasSuffix "m" $q -}}
+{{- divf (float64 (trimSuffix "m" $q)) 1000 -}}
+{{- else -}}
+{{- float64 (default "0" $q) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Most Serve replicas one Ray pod can host: the deployment's replicas (maxReplicas when
+autoscaling), fewer when the pod's GPUs or CPUs (Ray's view) run out first. Args: (root, cpus,
+gpus). */}}
+{{- define "batchserve.replicasPerPod" -}}
+{{- $root := index . 0 -}}
+{{- $cpus := float64 (index . 1) -}}
+{{- $gpus := float64 (index . 2) -}}
+{{- $model := index $root.Values.serve.settings.models 0 -}}
+{{- $n := float64 (default 1 $model.replicas) -}}
+{{- if $root.Values.serve.autoscaling.enabled -}}
+{{- $n = float64 $root.Values.serve.autoscaling.maxReplicas -}}
+{{- end -}}
+{{- $needGpus := float64 (ternary $model.num_gpus 1 (hasKey $model "num_gpus")) -}}
+{{- $needCpus := float64 (ternary $model.num_cpus 1 (hasKey $model "num_cpus")) -}}
+{{- if gt $needGpus 0.0 -}}
+{{- $n = minf $n (floor (divf $gpus $needGpus)) -}}
+{{- end -}}
+{{- if gt $needCpus 0.0 -}}
+{{- $n = minf $n (floor (divf $cpus $needCpus)) -}}
+{{- end -}}
+{{- int $n -}}
+{{- end -}}
+
+{{/* Replicas the head pod can host (0 with the default num-cpus "0"). */}}
+{{- define "batchserve.headReplicas" -}}
+{{- $params := .Values.head.rayStartParams | default dict -}}
+{{- $cpus := include "batchserve.rayCpus" (list $params .Values.head.resources) -}}
+{{- $gpus := 0.0 -}}
+{{- if hasKey $params "num-gpus" -}}
+{{- $gpus = float64 (index $params "num-gpus") -}}
+{{- end -}}
+{{- include "batchserve.replicasPerPod" (list . $cpus $gpus) -}}
+{{- end -}}
+
+{{/* Replicas one worker pod can host. */}}
+{{- define "batchserve.workerReplicas" -}}
+{{- $params := .Values.worker.rayStartParams | default dict -}}
+{{- $cpus := include "batchserve.rayCpus" (list $params .Values.worker.resources) -}}
+{{- $gpus := float64 .Values.worker.gpusPerPod -}}
+{{- if hasKey $params "num-gpus" -}}
+{{- $gpus = float64 (index $params "num-gpus") -}}
+{{- end -}}
+{{- include "batchserve.replicasPerPod" (list . $cpus $gpus) -}}
+{{- end -}}
+
+{{/* The replica ports of a Ray pod, as JSON {"ports": [{"name", "port"}]}: Serve's direct-ingress
+range, monitoring.replicaMetricsPortCount ports from monitoring.replicaMetricsPort (none when
+that is 0). Names `replica`, `replica-1`, ... (container port names: at most 15 characters). */}}
+{{- define "batchserve.replicaPorts" -}}
+{{- $first := int .Values.monitoring.replicaMetricsPort -}}
+{{- $count := int .Values.monitoring.replicaMetricsPortCount -}}
+{{- $ports := list -}}
+{{- if gt $first 0 -}}
+{{- if gt (add $first $count -1) 65535 -}}
+{{- fail (printf "monitoring.replicaMetricsPort %d + replicaMetricsPortCount %d runs past port 65535" $first $count) -}}
+{{- end -}}
+{{- $hosted := max (int (include "batchserve.workerReplicas" .)) (int (include "batchserve.headReplicas" .)) -}}
+{{- if le $count $hosted -}}
+{{- fail (printf "monitoring.replicaMetricsPortCount (%d) must exceed the Serve replicas one Ray pod can host (%d): Serve gives each replica of a pod its own port from that range, and a replacement needs one more while its predecessor's is quarantined (150 s); a replica finding none fails to start" $count $hosted) -}}
+{{- end -}}
+{{- range $i := until $count -}}
+{{- $ports = append $ports (dict "name" (ternary "replica" (printf "replica-%d" $i) (eq $i 0)) "port" (add $first $i)) -}}
+{{- end -}}
+{{- end -}}
+{{- dict "ports" $ports | toJson -}}
+{{- end -}}
+
 {{/* Environment of every Ray container. */}}
 {{- define "batchserve.rayEnv" -}}
 # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app (no proxy-actor hop).
@@ -169,9 +258,14 @@ ingress_headroom; 0 when shedding is off. */}}
 - name: RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH
   value: serve.gateway.serve_http:serve_http_middlewares
 {{- if gt (int .Values.monitoring.replicaMetricsPort) 0 }}
-# Replicas' own HTTP ports start here (the first replica of a pod gets exactly this one).
+# Replicas' own HTTP ports (their /metrics): Serve hands each new replica the lowest port of
+# [MIN, MAX) on its node not in use and not quarantined (150 s after its replica stopped), so
+# the first replica of a pod gets MIN. Bounded to the ports the pods declare and Prometheus
+# scrapes (monitoring.replicaMetricsPortCount; Ray's own default is 1000 ports).
 - name: RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT
   value: {{ .Values.monitoring.replicaMetricsPort | int | toString | quote }}
+- name: RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT
+  value: {{ add .Values.monitoring.replicaMetricsPort .Values.monitoring.replicaMetricsPortCount | int | toString | quote }}
 {{- end }}
 # Load shedding at HAProxy (serve/ingress.py): requests one replica is handed at once, and
 # one tenant per replica up, as Settings.ingress_server_maxconn / ingress_tenant_maxconn

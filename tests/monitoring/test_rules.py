@@ -72,6 +72,51 @@ def test_job_matchers_name_scrape_jobs_of_the_config() -> None:
     assert used <= jobs, used - jobs
 
 
+def test_local_config_scrapes_the_ports_a_replacement_replica_takes() -> None:
+    """`batchserve up` leaves Serve's port range at Ray's default (from 30000): Ray's own
+    PortAllocator gives a replacement replica the next port while its predecessor's is
+    quarantined. One replica and three replacements within the quarantine (or two replicas
+    through a rolling restart) stay on ports the `batchserve` job scrapes; the config once
+    listed only 30000."""
+    from ray.serve._private.common import RequestProtocol
+    from ray.serve._private.constants import (
+        RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+        RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+        RAY_SERVE_PORT_QUARANTINE_S,
+    )
+    from ray.serve._private.node_port_manager import PortAllocator
+
+    assert RAY_SERVE_PORT_QUARANTINE_S > 0
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (job,) = [c for c in config["scrape_configs"] if c["job_name"] == "batchserve"]
+    scraped = [t for s in job["static_configs"] for t in s["targets"]]
+    assert all(t.startswith("127.0.0.1:") for t in scraped)
+    ports = {int(t.rsplit(":", 1)[1]) for t in scraped}
+
+    def allocator() -> PortAllocator:
+        return PortAllocator(
+            RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+            RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT,
+            RequestProtocol.HTTP,
+            "local",
+        )
+
+    # One replica, replaced three times within 150 s.
+    alloc = allocator()
+    handed = [alloc.allocate("r0")]
+    for i in range(1, 4):
+        alloc.release(f"r{i - 1}", handed[-1])
+        handed.append(alloc.allocate(f"r{i}"))
+    # Two replicas through a rolling restart (each new one starts, then the old one stops).
+    alloc = allocator()
+    old = {r: alloc.allocate(r) for r in ("a", "b")}
+    for r, port in old.items():
+        handed += [old[r], alloc.allocate(f"{r}2")]
+        alloc.release(r, port)
+    assert set(handed) <= ports, sorted(set(handed) - ports)
+    assert ports == set(range(30000, 30004))
+
+
 def test_latency_quantiles_are_recorded_at_p50_p95_p99() -> None:
     """README: TTFT, inter-token and end-to-end latency p50/p95/p99 recording rules."""
     recorded: dict[str, set[str]] = {}

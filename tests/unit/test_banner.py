@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from serve.cli import _banner
 from serve.gateway.tenants import hash_token
 from serve.settings import DevTenant, Settings
@@ -38,3 +40,18 @@ def test_the_banner_names_the_replica_ports_the_local_config_scrapes() -> None:
     banner = " ".join(_banner(Settings(), None).split())
     assert f"scrapes {ports[0]}-{ports[-1]}" in banner
     assert "quarantined" in banner
+
+
+def test_the_banner_shows_metrics_on_a_replica_port_not_the_public_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The public port does not serve /metrics by default (serve/ingress.py): the banner
+    sends the reader to the first replica's own port."""
+    monkeypatch.delenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", raising=False)
+    banner = _banner(Settings(port=8123), None)
+    assert "curl http://127.0.0.1:30000/metrics" in banner
+    assert "8123/metrics" not in banner
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "31500")
+    assert "curl http://127.0.0.1:31500/metrics" in _banner(Settings(port=8123), None)
+    opted_in = _banner(Settings(port=8123, public_metrics=True), None)
+    assert "http://127.0.0.1:8123/metrics (BATCHSERVE_PUBLIC_METRICS)" in opted_in

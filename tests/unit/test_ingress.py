@@ -12,14 +12,18 @@ import pytest
 from serve.cli import _use_haproxy_wrapper
 from serve.ingress import (
     CONFIG_MARKER,
+    HEALTHZ_RULES,
     MAXCONN_ENV,
+    METRICS_ACL,
     NOT_DEPLOYED_RULE,
+    PUBLIC_METRICS_ENV,
     TENANT_MAXCONN_ENV,
     is_wrapper,
+    metrics_rule,
     real_haproxy_binary,
     write_haproxy_wrapper,
 )
-from serve.ingress_errors import TENANT_PAGE, pages_dir
+from serve.ingress_errors import METRICS_PAGE, TENANT_PAGE, pages_dir
 from serve.settings import Settings
 from tests.ports import free_port
 
@@ -126,13 +130,19 @@ def test_wrapper_adds_its_lines_once_and_passes_every_argument(tmp_path: Path) -
     # Ray's own errorfile lines are gone: ours are the only ones, so no order matters.
     assert [line for line in lines if line.split()[0] == "errorfile"] == added[3:]
     assert lines[at + 1 + len(added)] == "    mode http"  # the rest untouched
-    # Serve's text/plain "not found" becomes the 503 page, once.
+    # /metrics is not public (the default), Serve's text/plain "not found" becomes the
+    # 503 page, and /healthz says "ok" alone, once each.
     front = lines.index("frontend http_frontend")
-    assert lines[front + 1] == f"    {NOT_DEPLOYED_RULE}"
-    assert sum(NOT_DEPLOYED_RULE in line for line in lines) == 1
+    assert lines[front + 1 : front + 5] == [
+        f"    {metrics_rule(pages / METRICS_PAGE)}",
+        f"    {NOT_DEPLOYED_RULE}",
+        *(f"    {rule}" for rule in HEALTHZ_RULES),
+    ]
+    for rule in (NOT_DEPLOYED_RULE, *HEALTHZ_RULES, METRICS_ACL):
+        assert sum(rule in line for line in lines) == 1
     assert lines[-1] == "    server s1 127.0.0.1:1"
     assert sorted(p.name for p in pages.iterdir()) == sorted(
-        [f"{s}.http" for s in STATUSES] + [TENANT_PAGE]
+        [f"{s}.http" for s in STATUSES] + [TENANT_PAGE, METRICS_PAGE]
     )
 
 
@@ -171,7 +181,10 @@ def test_rays_own_config_with_our_lines_is_valid_for_the_bundled_haproxy(tmp_pat
     ]
     ours = [line.strip() for line in text.splitlines() if line.split()[:1] == ["errorfile"]]
     assert ours == [f'errorfile {s} "{pages_dir(wrapper) / f"{s}.http"}"' for s in STATUSES]
-    assert "return status 404" not in text
+    assert "not found" not in text  # Ray's 404; ours (/metrics) has its own page
+    assert [line.strip() for line in text.splitlines() if "return status 404" in line] == [
+        metrics_rule(pages_dir(wrapper) / METRICS_PAGE)
+    ]
     assert [line.strip() for line in text.splitlines() if "splice" in line] == [
         "option splice-response"
     ]
@@ -198,6 +211,9 @@ def test_up_wraps_the_configured_binary_but_never_a_wrapper(
     text = wrapper.read_text()
     assert str(fake) in text and "timeout http-request 4s" in text
     assert "bind 127.0.0.1:" in text  # HAProxy's side ports on the serve host
+    assert f'"${{{PUBLIC_METRICS_ENV}-false}}"' in text  # /metrics not public
+    _use_haproxy_wrapper(settings.model_copy(update={"public_metrics": True}))
+    assert f'"${{{PUBLIC_METRICS_ENV}-true}}"' in wrapper.read_text()
     assert (pages_dir(wrapper) / "502.http").is_file()
     # A wrapper already configured (the images ship one) is replaced, not wrapped again.
     _use_haproxy_wrapper(settings.model_copy(update={"http_request_timeout_s": 9}))
@@ -257,3 +273,5 @@ def test_main_takes_an_optional_bind_host(tmp_path: Path) -> None:
     defaults = Settings()
     assert f"{MAXCONN_ENV}-{defaults.ingress_server_maxconn}}}" in script
     assert f"{TENANT_MAXCONN_ENV}-{defaults.ingress_tenant_maxconn}}}" in script
+    # /metrics not public unless the environment (the chart) says so.
+    assert f'"${{{PUBLIC_METRICS_ENV}-false}}"' in script

@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.client
 import io
 import json
+import os
 import socket
 import socketserver
 import struct
@@ -36,6 +37,7 @@ from tests.unit.test_ingress import STATUSES, ray_haproxy_config
 # status -> (Workers AI code, OpenAI type, OpenAI code, Retry-After)
 EXPECTED: dict[int, tuple[int, str, str, str | None]] = {
     400: (5006, "invalid_request_error", "5006", None),
+    404: (7003, "invalid_request_error", "7003", None),
     403: (10000, "permission_error", "10000", None),
     408: (3007, "timeout_error", "3007", None),
     429: (3040, "rate_limit_error", "rate_limit_exceeded", "1"),
@@ -202,10 +204,13 @@ def haproxy(
     tenant_maxconn: int | None = None,
     http_request_timeout_s: int = HTTP_REQUEST_TIMEOUT_S,
     timeout_client_s: int | None = None,
+    public_metrics: bool = False,
+    env: dict[str, str] | None = None,
 ) -> Iterator[Ingress]:
     """The bundled HAProxy, started through the wrapper on Ray's own rendering of a config
     with these apps (path prefix -> (name, replica port or ports)), Serve's host
-    127.0.0.1; the keywords as `write_haproxy_wrapper` takes them."""
+    127.0.0.1; the keywords as `write_haproxy_wrapper` takes them; `env`: added to the
+    wrapper's environment."""
     port = free_port()
     cfg = ray_haproxy_config(work, port, apps, timeout_client_s=timeout_client_s)
     wrapper = write_haproxy_wrapper(
@@ -215,9 +220,15 @@ def haproxy(
         bind_host=bind_host,
         server_maxconn=server_maxconn,
         tenant_maxconn=tenant_maxconn,
+        public_metrics=public_metrics,
     )
     log = (work / "haproxy.log").open("wb")
-    proc = subprocess.Popen([str(wrapper), "-f", str(cfg), "-db"], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [str(wrapper), "-f", str(cfg), "-db"],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, **(env or {})},
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -638,3 +649,169 @@ def test_timeout_client_ends_only_a_client_that_stopped_taking_bytes(tmp_path: P
     finally:
         replica.shutdown()
         replica.server_close()
+
+
+# -- /metrics and /healthz on the public port -----------------------------------------------
+
+
+class _Replica404:
+    """What a replica's own HTTP server runs (Serve's direct ingress, uvicorn): Serve's
+    `/-/healthz` (what HAProxy checks), else the real gateway app, on the fake engine. It
+    records the path (decoded, as uvicorn hands it to Starlette) of each request."""
+
+    def __init__(self) -> None:
+        from serve.cluster import build_gateway
+        from tests.fakes import FakeEngine
+        from tests.gateway.conftest import gateway_settings
+
+        self.gateway = build_gateway(gateway_settings(), FakeEngine())
+        self.paths: list[str] = []
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == "/-/healthz":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"success"})
+            return
+        if scope["type"] == "http":
+            self.paths.append(scope["path"])
+        await self.gateway(scope, receive, send)
+
+
+@contextmanager
+def replica_app() -> Iterator[tuple[_Replica404, int]]:
+    from tests.live_server import serving
+
+    app = _Replica404()
+    with serving(app) as address:  # type: ignore[arg-type]
+        yield app, int(address.rsplit(":", 1)[1])
+
+
+def raw_get(port: int, target: bytes, method: bytes = b"GET") -> tuple[int, bytes, str]:
+    """Send one request with exactly this target (no client normalises it); the status,
+    body and Content-Type of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(method + b" " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        raw, _ = read_until_closed(sock)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    ctype = next(
+        (
+            v.strip()
+            for n, _, v in (h.partition(":") for h in lines[1:])
+            if n.lower() == "content-type"
+        ),
+        "",
+    )
+    return int(lines[0].split()[1]), body, ctype
+
+
+# Each one reaches the replica's `/metrics` route, or a path below it, or one a client or
+# proxy might normalise into it: none may reach a replica through the public port.
+METRICS_TARGETS = [
+    b"/metrics",
+    b"/metrics?format=prometheus",
+    b"/metrics/",
+    b"/metrics/x",
+    b"//metrics",
+    b"///metrics?x",
+    b"/METRICS",
+    b"/Metrics",
+    b"/%6detrics",
+    b"/%6D%65trics",
+    b"/%2fmetrics",
+    b"/metrics%2F",
+    b"/metrics%3Fx",
+    b"/metrics;x",
+    b"http://x/metrics",
+    b"http://x//%6Detrics?y",
+]
+
+
+def test_metrics_are_not_served_through_the_public_port(tmp_path: Path) -> None:
+    """By default (`public_metrics` false) HAProxy answers every path a replica would read
+    as its `/metrics`, however spelt, with the gateway's 404/7003 for a route it does not
+    have, without asking a replica; the replica's own port still serves them to
+    Prometheus, and the API's other paths pass."""
+    with replica_app() as (app, port), haproxy(tmp_path, {"/": ("live", port)}) as ing:
+        direct = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        assert direct.status_code == 200 and "batchserve_" in direct.text  # Prometheus's
+        app.paths.clear()
+        for method in (b"GET", b"HEAD", b"POST"):
+            for target in METRICS_TARGETS:
+                status, body, ctype = raw_get(ing.port, target, method)
+                assert status == 404, (method, target, status, body)
+                assert ctype == "application/json", (target, ctype)
+                if method != b"HEAD":
+                    message = assert_both_envelopes(json.loads(body), 404)
+                    assert message == (
+                        "Could not route to /metrics, perhaps your object identifier is invalid?"
+                    )
+                    assert b"batchserve_" not in body
+        # A fragment (which uvicorn would drop) never gets past HAProxy's HTTP/1 layer.
+        assert raw_get(ing.port, b"/metrics#x")[0] == 400
+        assert not [p for p in app.paths if "metrics" in p.lower()], app.paths
+        # Not a prefix match on anything else: a path that merely contains it passes.
+        for path in ("/v1/models/metrics", "/x/metrics"):
+            r = httpx.get(f"{ing.url}{path}", timeout=10)
+            assert "Could not route to /metrics" not in r.text
+            assert app.paths[-1] == path
+        # The API itself is untouched.
+        assert httpx.get(f"{ing.url}/v1/models", timeout=10).status_code in (200, 401)
+        assert app.paths[-1] == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    ("written", "env", "public"),
+    [
+        (True, {}, True),
+        (False, {"BATCHSERVE_HAPROXY_PUBLIC_METRICS": "TRUE"}, True),
+        (False, {"BATCHSERVE_HAPROXY_PUBLIC_METRICS": "1"}, True),
+        (True, {"BATCHSERVE_HAPROXY_PUBLIC_METRICS": "false"}, False),
+        (True, {"BATCHSERVE_HAPROXY_PUBLIC_METRICS": "nonsense"}, False),
+        (False, {"BATCHSERVE_HAPROXY_PUBLIC_METRICS": ""}, False),
+    ],
+)
+def test_public_metrics_opt_in(
+    tmp_path: Path, written: bool, env: dict[str, str], public: bool
+) -> None:
+    """`public_metrics` true lets `/metrics` through to a replica, as before; the
+    wrapper's environment (the chart's BATCHSERVE_HAPROXY_PUBLIC_METRICS) overrides what
+    it was written with, and anything pydantic would not read as true keeps it private."""
+    with (
+        replica_app() as (app, port),
+        haproxy(tmp_path, {"/": ("live", port)}, public_metrics=written, env=env) as ing,
+    ):
+        r = httpx.get(f"{ing.url}/metrics", timeout=10)
+        if public:
+            assert r.status_code == 200 and "batchserve_" in r.text
+            assert app.paths == ["/metrics"]
+        else:
+            assert_json_error(r, 404)
+            assert app.paths == []
+
+
+def test_healthz_through_the_public_port_says_ok_and_no_more(tmp_path: Path) -> None:
+    """The gateway's `/healthz` names the replica, its weights and its request counters:
+    through the public port a 200 from it becomes `{"status":"ok"}` alone (what load
+    balancers and `batchserve up` read is the status), on the replica's own port it keeps
+    the details; Serve's `/-/healthz`, which HAProxy answers itself, is untouched."""
+    with replica_app() as (app, port), haproxy(tmp_path, {"/": ("live", port)}) as ing:
+        direct = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json()
+        assert {"replica", "weights", "requests_started"} <= set(direct)
+        for target in (b"/healthz", b"/healthz?x=1", b"/%68ealthz"):
+            status, body, ctype = raw_get(ing.port, target)
+            assert (status, ctype) == (200, "application/json"), (target, body)
+            assert json.loads(body) == {"status": "ok"}, target
+        assert app.paths.count("/healthz") == 4  # a replica was asked each time
+        r = httpx.get(f"{ing.url}/healthz", timeout=10)
+        assert r.headers["cache-control"] == "no-store"
+        serve = httpx.get(f"{ing.url}/-/healthz", timeout=10)
+        assert (serve.status_code, serve.text) == (200, "success")
+
+
+def test_healthz_with_no_replica_up_is_the_503_page(tmp_path: Path) -> None:
+    """With no replica to ask (the application not deployed yet), the public `/healthz`
+    stays the 503 page, not the minimal 200: `batchserve up` and load balancers see the
+    stack is not ready."""
+    with haproxy(tmp_path, {}) as ing:
+        assert_json_error(httpx.get(f"{ing.url}/healthz", timeout=10), 503)

@@ -42,7 +42,9 @@ SERVE_CONFIG_HEADER = """\
 # args keep; the chart sets BATCHSERVE_HAPROXY_SERVER_MAXCONN and BATCHSERVE_HAPROXY_TENANT_MAXCONN
 # on every node from its values (0: no limit). Set them likewise when you change the args;
 # for `stream_stall_s`, set BATCHSERVE_STREAM_STALL_S and RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S
-# (whole seconds) to it on every node (the images have 30, the default).
+# (whole seconds) to it on every node (the images have 30, the default). The images' HAProxy
+# answers /metrics 404/7003 on the Serve port (Prometheus scrapes each replica's own port):
+# with `public_metrics: true`, set BATCHSERVE_HAPROXY_PUBLIC_METRICS=true on every node too.
 """
 
 

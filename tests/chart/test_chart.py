@@ -447,6 +447,37 @@ def test_haproxy_gets_the_limits_the_settings_compute(
         assert _ray_env(docs, TENANT_MAXCONN_ENV) == {str(expect)}, (profile, settings)
 
 
+@pytest.mark.parametrize("public", [None, False, True])
+def test_metrics_stay_off_the_public_port_unless_the_values_say(public: bool | None) -> None:
+    """The images' HAProxy wrapper answers `/metrics` 404/7003 on the Serve port unless
+    PUBLIC_METRICS_ENV says true (serve/ingress.py): every Ray container gets the
+    application's `public_metrics`, false by default; the Ingress and the gateway Service
+    reach only that port, never a replica's own (which the PodMonitor scrapes)."""
+    from serve.ingress import PUBLIC_METRICS_ENV
+
+    settings = {} if public is None else {"public_metrics": public}
+    for profile in PROFILES:
+        values = merged(
+            profile_values(profile),
+            {"serve": {"settings": settings}, "ingress": {"enabled": True}},
+        )
+        docs = documents(values)
+        computed = Settings.model_validate(_serve_config(docs)["applications"][0]["args"])
+        assert computed.public_metrics is bool(public), profile
+        assert _ray_env(docs, PUBLIC_METRICS_ENV) == {"true" if public else "false"}, profile
+        spec = rayservice(docs)["spec"]
+        serve_port = values.get("serve", {}).get("port", 8000)
+        assert [p["targetPort"] for p in spec["serveService"]["spec"]["ports"]] == [serve_port]
+        (ingress,) = [d for d in docs if d["kind"] == "Ingress"]
+        backends = [
+            path["backend"]["service"]
+            for rule in ingress["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        ]
+        name = spec["serveService"]["metadata"]["name"]
+        assert backends and all(b == {"name": name, "port": {"name": "serve"}} for b in backends)
+
+
 @pytest.mark.parametrize("stall_s", [None, 4, 2.5, 0.2])
 def test_serve_http_servers_get_the_stream_stall_limit(stall_s: float | None) -> None:
     """Serve's HTTP callback (serve/gateway/serve_http.py) reads `stream_stall_s` from the

@@ -274,6 +274,10 @@ that is 0). Names `replica`, `replica-1`, ... (container port names: at most 15 
   value: {{ include "batchserve.ingressMaxconn" . | quote }}
 - name: BATCHSERVE_HAPROXY_TENANT_MAXCONN
   value: {{ include "batchserve.ingressTenantMaxconn" . | quote }}
+# `/metrics` through the gateway Service and Ingress (HAProxy): only with public_metrics true,
+# else answered 404/7003 there (serve/ingress.py); Prometheus scrapes the replicas' own ports.
+- name: BATCHSERVE_HAPROXY_PUBLIC_METRICS
+  value: {{ include "batchserve.setting" (list .Values.serve.settings "public_metrics" false) | quote }}
 # A client that stopped reading: Serve's HTTP servers end its request (serve/gateway/serve_http.py),
 # and HAProxy's `timeout client` (whole seconds, rounded up) ends its connection (serve/ingress.py).
 {{- $stall := include "batchserve.setting" (list .Values.serve.settings "stream_stall_s" 30) }}

@@ -44,6 +44,9 @@ from serve.replica.engine import ChatMessage
 MAX_STOP: Final = 4
 _SEED_MIN: Final = -(2**63)
 _SEED_MAX: Final = 2**63 - 1
+# vLLM clamps top_k to the vocabulary, but the engine's msgpack wire carries no integer
+# above 2**64 - 1: a larger one was an OverflowError there, a 500/3008 for a client's value.
+_TOP_K_MAX: Final = 2**31 - 1
 # pydantic names union members in error locations; they are not part of a field path.
 _TYPE_TAGS: Final = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
@@ -106,7 +109,7 @@ class _Common(_Wire):
     presence_penalty: _Penalty | None = None
     frequency_penalty: _Penalty | None = None
     # vLLM's extensions: top_k -1 or 0 means no top-k; repetition_penalty must be > 0.
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[int, Field(ge=-1, le=_TOP_K_MAX)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None

@@ -454,6 +454,7 @@ async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
         (CHAT, {"logit_bias": {"7042": -100}}, "logit_bias"),
         ("/v1/completions", {"prompt": "a", "logit_bias": {"1": 5}}, "logit_bias"),
         (CHAT, {"top_k": -2}, "top_k"),
+        (CHAT, {"top_k": 2**64}, "top_k"),  # past what the engine's wire carries
         (CHAT, {"repetition_penalty": 0}, "repetition_penalty"),
         (CHAT, {"messages": []}, "messages"),
         # Tool calls are not supported: forcing one must not quietly answer in plain text.

@@ -125,8 +125,9 @@ def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
 
 
 def replica_port() -> int:
-    """The first replica's own HTTP port (Serve's direct ingress): replica i listens on
-    RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT + i, 30000 + i by default."""
+    """The lowest replica port (Serve's direct ingress, RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT,
+    30000 by default): Serve gives each new replica the lowest port neither in use nor
+    quarantined (150 s after its last replica stopped)."""
     try:
         return int(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", "30000"))
     except ValueError:

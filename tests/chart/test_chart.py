@@ -977,6 +977,11 @@ def test_notes_tell_how_to_add_tenants_and_what_to_scrape() -> None:
     assert "helm upgrade overwrites it" in made
     off = _notes({"tenants": {"enabled": False}})
     assert "no tenant can authenticate" in off
+    # Monitoring on: the scraped ports, or none (replicaMetricsPort 0), never "ports 0-3".
+    pod_monitor = {"monitoring": {"podMonitor": {"enabled": True}}}
+    assert "(ports 30000-30003:" in _notes(pod_monitor)
+    unscraped = _notes(merged(pod_monitor, {"monitoring": {"replicaMetricsPort": 0}}))
+    assert "port 8080 only" in unscraped and "ports 0-" not in unscraped
 
 
 # --- monitoring files: one source with deploy/ ------------------------------------
@@ -1005,6 +1010,20 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
         [promtool, "check", "rules", str(rendered)], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_without_replica_ports_the_not_scraped_alert_is_left_out() -> None:
+    """replicaMetricsPort 0 scrapes no replica: BatchserveReplicasNotScraped would fire for
+    every healthy replica, for good, so the PrometheusRule leaves it out (and only it)."""
+
+    def alerts(values: dict[str, Any]) -> list[str]:
+        (rule,) = [d for d in documents(values) if d["kind"] == "PrometheusRule"]
+        return [r.get("alert", r.get("record")) for g in rule["spec"]["groups"] for r in g["rules"]]
+
+    scraped = alerts(ALL_ON)
+    unscraped = alerts(merged(ALL_ON, {"monitoring": {"replicaMetricsPort": 0}}))
+    assert "BatchserveReplicasNotScraped" in scraped
+    assert unscraped == [a for a in scraped if a != "BatchserveReplicasNotScraped"]
 
 
 def _container_ports(c: dict[str, Any]) -> dict[str, int]:
@@ -1135,16 +1154,20 @@ def test_every_port_rays_allocator_hands_out_is_scraped(
         ({"worker": {"gpusPerPod": 8}, "serve": {"autoscaling": {"maxReplicas": 6}}}, 6),
     ],
 )
-def test_port_window_must_exceed_the_replicas_a_pod_hosts(
+def test_port_window_must_be_twice_the_replicas_a_pod_hosts(
     values: dict[str, Any], hosted: int
 ) -> None:
-    """Serve's range is bounded to the scraped window: a pod hosting as many replicas as the
-    window holds would leave a replacement no port, so the chart refuses it."""
+    """Serve's range is bounded to the scraped window: in a rolling update every replica of a
+    pod takes a new port while its old one is quarantined, so a pod hosting N replicas needs
+    2N; the chart refuses fewer."""
     with pytest.raises(helm.HelmRenderError, match=rf"can host \({hosted}\)"):
         render(values)
-    more = merged(values, {"monitoring": {"replicaMetricsPortCount": hosted + 1}})
-    worker = _ray_containers(documents(merged(ALL_ON, more)))["worker:gpu"]
-    assert len(_serve_port_range(worker)) == hosted + 1
+    short = merged(values, {"monitoring": {"replicaMetricsPortCount": 2 * hosted - 1}})
+    with pytest.raises(helm.HelmRenderError, match=rf"can host \({hosted}\)"):
+        render(short)
+    enough = merged(values, {"monitoring": {"replicaMetricsPortCount": 2 * hosted}})
+    worker = _ray_containers(documents(merged(ALL_ON, enough)))["worker:gpu"]
+    assert len(_serve_port_range(worker)) == 2 * hosted
 
 
 def test_cpu_profile_ports_and_a_head_that_hosts_replicas() -> None:

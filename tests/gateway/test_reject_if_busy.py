@@ -44,7 +44,7 @@ async def test_reject_if_busy_refuses_instead_of_queueing(
         code = wire["errors"][0]["code"] if "errors" in wire else wire["error"]["code"]
         assert str(code) in ("3040", "rate_limit_exceeded"), wire
         assert int(busy.headers["retry-after"]) >= 1
-        assert refused_after < 0.1, "refused only after waiting"
+        assert refused_after < 0.25, "refused only after waiting"  # a wait takes >= 0.3 s
         # Without the option the same request waits for the slot and is served.
         assert (await first).status_code == 200
         assert (await queued).status_code == 200

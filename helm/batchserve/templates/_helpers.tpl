@@ -239,8 +239,8 @@ that is 0). Names `replica`, `replica-1`, ... (container port names: at most 15 
 {{- fail (printf "monitoring.replicaMetricsPort %d + replicaMetricsPortCount %d runs past port 65535" $first $count) -}}
 {{- end -}}
 {{- $hosted := max (int (include "batchserve.workerReplicas" .)) (int (include "batchserve.headReplicas" .)) -}}
-{{- if le $count $hosted -}}
-{{- fail (printf "monitoring.replicaMetricsPortCount (%d) must exceed the Serve replicas one Ray pod can host (%d): Serve gives each replica of a pod its own port from that range, and a replacement needs one more while its predecessor's is quarantined (150 s); a replica finding none fails to start" $count $hosted) -}}
+{{- if lt $count (mul 2 $hosted) -}}
+{{- fail (printf "monitoring.replicaMetricsPortCount (%d) must be at least twice the Serve replicas one Ray pod can host (%d): Serve gives each replica of a pod its own port from that range, and in a rolling update each replacement needs a new one while its predecessor's is quarantined (150 s); a replica finding none fails to start" $count $hosted) -}}
 {{- end -}}
 {{- range $i := until $count -}}
 {{- $ports = append $ports (dict "name" (ternary "replica" (printf "replica-%d" $i) (eq $i 0)) "port" (add $first $i)) -}}

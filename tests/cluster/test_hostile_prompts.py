@@ -117,3 +117,66 @@ def test_more_messages_than_the_window_holds_are_refused_at_once(cluster: Cluste
     print(f"\n[115,000 messages] {r.status_code} in {time.monotonic() - started:.2f} s")
     assert r.status_code == 413, r.text
     assert [e["code"] for e in r.json()["errors"]] == [5021]
+
+
+# Extreme but well-formed numbers in every numeric field, on real vLLM: each must be served
+# or refused with a 4xx, never reach the engine as a 500. A fake engine cannot show this: a
+# `top_k` of 10**20 passed the gateway and overflowed vLLM's msgpack wire (a 500/3008 with
+# a traceback) until the field got its bound.
+_HUGE = 10**20
+_CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+_RUN = {"prompt": "hi", "max_tokens": 3}
+EXTREMES = [
+    *(
+        ("openai", {field: value})
+        for field, values in {
+            "max_tokens": (2**31, 2**63, _HUGE),
+            "max_completion_tokens": (2**63, _HUGE),
+            "temperature": (0, 2, 1e-300),
+            "top_p": (1e-300, 1),
+            "top_k": (-1, 0, 1, 2**31 - 1, _HUGE),
+            "seed": (-(2**63), 2**63 - 1, _HUGE),
+            "n": (8, _HUGE),
+            "presence_penalty": (-2, 2),
+            "frequency_penalty": (-2, 2),
+            "repetition_penalty": (1e-300, 1e300),
+        }.items()
+        for value in values
+    ),
+    *(
+        ("workers-ai", {field: value})
+        for field, values in {
+            "max_tokens": (2**31, 2**63, _HUGE),
+            "temperature": (0, 5, 1e-300),
+            "top_p": (0, 1e-300, 2),
+            "top_k": (1, 50, _HUGE),
+            "seed": (1, 9_999_999_999, _HUGE),
+            "repetition_penalty": (0, 1e-300, 2),
+            "frequency_penalty": (0, 2),
+            "presence_penalty": (0, 2),
+        }.items()
+        for value in values
+    ),
+]
+
+
+def test_extreme_numbers_are_served_or_refused_never_a_5xx(cluster: Cluster) -> None:
+    replica = cluster.replica_urls[0]
+    outcomes: list[tuple[str, dict[str, object], int]] = []
+    with httpx.Client(headers=cluster.auth, timeout=60) as http:
+        for dialect, extra in EXTREMES:
+            for stream in (False, True):
+                if dialect == "openai":
+                    url, body = replica + "/v1/chat/completions", {**_CHAT, **extra}
+                else:
+                    url, body = replica + RUN_PATH, {**_RUN, **extra}
+                r = http.post(url, json={**body, "stream": stream})
+                outcomes.append((dialect, {**extra, "stream": stream}, r.status_code))
+                if r.status_code == 200 and stream:
+                    assert r.text.rstrip().endswith("data: [DONE]"), (extra, r.text[-300:])
+                    assert '"errors":[{' not in r.text and '"error":{' not in r.text, r.text
+        # The engine is still serving.
+        last = http.post(replica + RUN_PATH, json=_RUN)
+    print(f"\n[extreme numbers] {[(d, e, s) for d, e, s in outcomes]}")
+    assert not [o for o in outcomes if o[2] >= 500], outcomes
+    assert last.status_code == 200, last.text

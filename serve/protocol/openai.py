@@ -39,6 +39,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from serve.errors import BadInput
+from serve.protocol.workers_ai import reject_if_busy
 from serve.replica.engine import ChatMessage
 
 MAX_STOP: Final = 4
@@ -85,13 +86,6 @@ class ResponseFormat(_Wire):
     json_schema: JsonSchemaFormat | None = None
 
 
-class RequestOptions(_Wire):
-    """Cloudflare's request options beside the input (its OpenAI-compatible route honours
-    them too): `rejectIfBusy` refuses with 429 at once instead of waiting for a slot."""
-
-    reject_if_busy: bool = Field(default=False, alias="rejectIfBusy")
-
-
 class _Common(_Wire):
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -118,7 +112,8 @@ class _Common(_Wire):
     )
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
-    options: RequestOptions | None = None
+    # Cloudflare's request options (`reject_if_busy`), read as the run route reads them.
+    options: Any = None
 
     @field_validator("n", "stream", mode="before")
     @classmethod
@@ -161,7 +156,7 @@ class _Common(_Wire):
 
     @property
     def reject_if_busy(self) -> bool:
-        return self.options is not None and self.options.reject_if_busy
+        return reject_if_busy(self.options)
 
     @property
     def wanted_top_k(self) -> int | None:

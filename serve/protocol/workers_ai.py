@@ -356,7 +356,7 @@ def parse_run_input(body: object) -> RunInput:
     is_prompt = not schema_failures(body, _PROMPT_BRANCH)
     known = (_PROMPT_BRANCH if is_prompt else _MESSAGES_BRANCH)["properties"]
     values: dict[str, Any] = {f.name: None for f in fields(RunInput)}
-    values.update(raw=False, stream=False, reject_if_busy=_reject_if_busy(body))
+    values.update(raw=False, stream=False, reject_if_busy=reject_if_busy(body.get("options")))
     for name in values:
         if name in known and body.get(name) is not None:
             values[name] = _CASTS.get(known[name]["type"], lambda v: v)(body[name])
@@ -367,8 +367,10 @@ def parse_run_input(body: object) -> RunInput:
     return RunInput(**values)
 
 
-def _reject_if_busy(body: Mapping[str, Any]) -> bool:
-    options = body.get("options")
+def reject_if_busy(options: object) -> bool:
+    """Cloudflare's request option `options.rejectIfBusy` (beside the input, on the run
+    route and its OpenAI-compatible one): true refuses at once rather than wait for a slot.
+    Anything but an object holding `true` is no option, as other unknown input is ignored."""
     return isinstance(options, dict) and options.get("rejectIfBusy") is True
 
 

@@ -138,7 +138,9 @@ def _banner(settings: Settings, token: str | None) -> str:
     spec = settings.served_model
     base = f"http://{settings.host}:{settings.port}"
     account = settings.dev_tenant.account_id if settings.dev_tenant else "<your-account-id>"
-    auth = token if token is not None else "<a token from your tenants file>"
+    # A tenants file holds only SHA-256 hashes: the token itself was printed once by
+    # `batchserve tenants add`.
+    auth = token if token is not None else "<token printed by batchserve tenants add>"
     run = f"{base}/client/v4/accounts/{account}/ai/run/{spec.name}"
     first = replica_port()
     public = (

@@ -55,3 +55,12 @@ def test_the_banner_shows_metrics_on_a_replica_port_not_the_public_one(
     assert "curl http://127.0.0.1:31500/metrics" in _banner(Settings(port=8123), None)
     opted_in = _banner(Settings(port=8123, public_metrics=True), None)
     assert "http://127.0.0.1:8123/metrics (BATCHSERVE_PUBLIC_METRICS)" in opted_in
+
+
+def test_the_banner_with_a_tenants_file_says_where_a_token_comes_from() -> None:
+    """A tenants file holds only SHA-256 hashes of tokens, so the banner cannot point the
+    reader at it for a token: the token is what `batchserve tenants add` printed once."""
+    banner = _banner(Settings(port=8123), None)
+    assert "Authorization: Bearer <token printed by batchserve tenants add>'" in banner
+    assert "api_key=<token printed by batchserve tenants add>" in banner
+    assert "tenants file>" not in banner

@@ -402,7 +402,15 @@ def cmd_slo_search(ns: argparse.Namespace) -> int:
 
 
 def cmd_compare(ns: argparse.Namespace) -> int:
-    rows, bad = report.compare(report.load(ns.a), report.load(ns.b), ns.max_regression)
+    a, b = report.load(ns.a), report.load(ns.b)
+    differences = report.workload_differences(a, b)
+    if differences:
+        print(
+            "warning: the two runs had different workloads, so a change below may not be the "
+            "server's:\n  " + "\n  ".join(differences),
+            file=sys.stderr,
+        )
+    rows, bad = report.compare(a, b, ns.max_regression)
     print(report.compare_table(rows))
     return EXIT_REGRESSION if bad else 0
 

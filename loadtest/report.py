@@ -166,6 +166,21 @@ def compare(
     return rows, any_bad
 
 
+NOT_WORKLOAD = frozenset(
+    {"url", "account", "timeout", "tokenizer", "slo", "delivery_tolerance", "out", "no_progress"}
+)
+"""Config keys that may differ between two runs of the same workload (the server under test,
+where results go, how the client reports); every other key shapes the load itself."""
+
+
+def workload_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """`key: A -> B` for each config key that shapes the load and differs between two result
+    documents: their figures then measure different workloads, not a change of the server."""
+    ca, cb = a.get("config", {}), b.get("config", {})
+    keys = sorted((ca.keys() | cb.keys()) - NOT_WORKLOAD)
+    return [f"{k}: {ca.get(k)!r} -> {cb.get(k)!r}" for k in keys if ca.get(k) != cb.get(k)]
+
+
 def compare_table(rows: list[tuple[str, float, float, float, bool]]) -> str:
     lines = [f"{'metric':<32}{'A':>14}{'B':>14}{'change':>10}  verdict"]
     for key, va, vb, change, bad in rows:

@@ -58,3 +58,24 @@ def test_load_rejects_foreign_json(tmp_path: Path) -> None:
     p.write_text(json.dumps({"schema": "other"}))
     with pytest.raises(ValueError):
         report.load(p)
+
+
+def test_compare_warns_when_the_runs_had_different_workloads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A regression gate between two different loads measures the loads, not the server:
+    `compare` says which config keys differ (the server's URL and output paths may)."""
+    a, b = write(tmp_path, "a", 0.1), write(tmp_path, "b", 0.1)
+    same = {"url": "http://a", "dialect": "workers-ai", "rate": 4.0, "out": "runs/a.json"}
+    for path, cfg in (
+        (a, same),
+        (b, {**same, "url": "http://b", "dialect": "openai-chat", "out": "runs/b.json"}),
+    ):
+        doc = report.load(path)
+        path.write_text(json.dumps({**doc, "config": cfg}))
+    assert main(["compare", str(a), str(a)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(["compare", str(a), str(b)]) == 0
+    err = capsys.readouterr().err
+    assert "different workloads" in err and "dialect: 'workers-ai' -> 'openai-chat'" in err
+    assert "url" not in err and "out:" not in err

@@ -38,6 +38,7 @@ from tests.chart.render import (
     render,
     serve_config_text,
 )
+from tests.runbook import chart_runbook_base_url, github_anchor, runbook_anchors
 
 K8S_VERSION = "1.35.0"
 CRD_PATH = Path(__file__).parent / "fixtures" / "ray.io_rayservices.yaml"
@@ -156,6 +157,10 @@ def test_lint_is_clean(profile: str) -> None:
         ({"head": {"resources": {"requests": {"memory": None}}}}, "memory"),
         ({"securityContext": {"runAsNonRoot": False, "allowPrivilegeEscalation": False}},
          "runAsNonRoot"),
+        ({"monitoring": {"prometheusRule": {"runbookBaseUrl": "https://x.example/RUNBOOK.md#top"}}},
+         "/monitoring/prometheusRule/runbookBaseUrl"),
+        ({"monitoring": {"prometheusRule": {"runbookBaseUrl": "RUNBOOK.md"}}},
+         "/monitoring/prometheusRule/runbookBaseUrl"),
     ],
 )  # fmt: skip
 def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any], where: str) -> None:
@@ -1010,6 +1015,38 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
         [promtool, "check", "rules", str(rendered)], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _alert_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (rule,) = [d for d in docs if d["kind"] == "PrometheusRule"]
+    return [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+
+
+@pytest.mark.parametrize("profile", ["gpu", "all-on", "service-monitor"])
+def test_every_alert_links_its_runbook_section(
+    profiles: dict[str, list[dict[str, Any]]], profile: str
+) -> None:
+    """Each alert of the PrometheusRule carries a runbook_url: the default base (the repo's
+    RUNBOOK.md) plus the anchor of the alert's own `## AlertName` section, which exists."""
+    base = chart_runbook_base_url()
+    sections = runbook_anchors()
+    alerts = _alert_rules(profiles[profile])
+    assert len(alerts) >= 8
+    for alert in alerts:
+        anchor = github_anchor(alert["alert"])
+        assert alert["annotations"]["runbook_url"] == f"{base}#{anchor}", alert["alert"]
+        assert anchor in sections, f"{alert['alert']}: no section in RUNBOOK.md"
+
+
+def test_runbook_base_url_is_a_value() -> None:
+    """monitoring.prometheusRule.runbookBaseUrl moves every alert's runbook_url (a fork, an
+    internal Git host, a copy pinned to the release you run); the anchors stay."""
+    base = "https://git.example.com/ops/batchserve/-/blob/v0.1.0/RUNBOOK.md"
+    values = merged(ALL_ON, {"monitoring": {"prometheusRule": {"runbookBaseUrl": base}}})
+    alerts = _alert_rules(documents(values))
+    assert alerts
+    for alert in alerts:
+        assert alert["annotations"]["runbook_url"] == f"{base}#{github_anchor(alert['alert'])}"
 
 
 def test_without_replica_ports_the_not_scraped_alert_is_left_out() -> None:

@@ -29,6 +29,7 @@ from serve.gateway.serve_http import SERVE_CALLBACK, SERVE_CALLBACK_ENV
 from serve.settings import EngineArgs, ModelSpec, Settings
 from tests.chart.render import (
     CHART_DIR,
+    NAMESPACE,
     PROFILES,
     ROOT,
     SERVE_CONFIG,
@@ -1005,6 +1006,14 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
     files = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
     assert files, "deploy/prometheus/rules/*.yml is missing"
     expected = [g for f in files for g in yaml.safe_load(f.read_text())["groups"]]
+    # ...but for the release's namespace in the selector of BatchserveMetricsAbsent.
+    absent = [
+        r for g in expected for r in g["rules"] if r.get("alert") == "BatchserveMetricsAbsent"
+    ]
+    assert len(absent) == 1
+    absent[0]["expr"] = absent[0]["expr"].replace(
+        '{job="batchserve"}', f'{{job="batchserve", namespace="{NAMESPACE}"}}'
+    )
     (rule,) = [d for d in profiles["gpu"] if d["kind"] == "PrometheusRule"]
     assert rule["spec"]["groups"] == expected
     rendered = tmp_path / "rendered.rules.yml"
@@ -1049,18 +1058,96 @@ def test_runbook_base_url_is_a_value() -> None:
         assert alert["annotations"]["runbook_url"] == f"{base}#{github_anchor(alert['alert'])}"
 
 
-def test_without_replica_ports_the_not_scraped_alert_is_left_out() -> None:
-    """replicaMetricsPort 0 scrapes no replica: BatchserveReplicasNotScraped would fire for
-    every healthy replica, for good, so the PrometheusRule leaves it out (and only it)."""
+def _rule_names(values: dict[str, Any]) -> list[str]:
+    (rule,) = [d for d in documents(values) if d["kind"] == "PrometheusRule"]
+    return [r.get("alert", r.get("record")) for g in rule["spec"]["groups"] for r in g["rules"]]
 
-    def alerts(values: dict[str, Any]) -> list[str]:
-        (rule,) = [d for d in documents(values) if d["kind"] == "PrometheusRule"]
-        return [r.get("alert", r.get("record")) for g in rule["spec"]["groups"] for r in g["rules"]]
 
-    scraped = alerts(ALL_ON)
-    unscraped = alerts(merged(ALL_ON, {"monitoring": {"replicaMetricsPort": 0}}))
-    assert "BatchserveReplicasNotScraped" in scraped
-    assert unscraped == [a for a in scraped if a != "BatchserveReplicasNotScraped"]
+@pytest.mark.parametrize(
+    ("values", "left_out"),
+    [
+        # No replica port scraped: every healthy replica is "not scraped", and no replica
+        # metric ever exists.
+        (
+            {"monitoring": {"replicaMetricsPort": 0}},
+            {"BatchserveReplicasNotScraped", "BatchserveMetricsAbsent"},
+        ),
+        # Serve may scale to zero replicas: an idle service has no replica metrics.
+        ({"serve": {"autoscaling": {"minReplicas": 0}}}, {"BatchserveMetricsAbsent"}),
+        # Fixed replicas (at least one): autoscaling's minReplicas does not apply.
+        ({"serve": {"autoscaling": {"enabled": False, "minReplicas": 0}}}, set()),
+    ],
+)
+def test_alerts_that_would_fire_for_good_are_left_out(
+    values: dict[str, Any], left_out: set[str]
+) -> None:
+    """The PrometheusRule leaves out the alerts these values make fire for good, and only
+    them."""
+    every = _rule_names(ALL_ON)
+    assert {"BatchserveReplicasNotScraped", "BatchserveMetricsAbsent"} <= set(every)
+    assert _rule_names(merged(ALL_ON, values)) == [r for r in every if r not in left_out]
+
+
+def test_metrics_absent_alert_watches_this_release_only(tmp_path: Path) -> None:
+    """The chart's BatchserveMetricsAbsent selects the release's namespace (the label the
+    PodMonitor/ServiceMonitor give every target): replicas of another release scraped by the
+    same Prometheus do not hide that this one's are gone. promtool on the rendered rules."""
+    (rule,) = [d for d in documents(ALL_ON) if d["kind"] == "PrometheusRule"]
+    rules = tmp_path / "rendered.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    series = "batchserve_admission_limit_requests"
+    other = f'{series}{{job="batchserve",namespace="staging",pod="w1",replica="s"}}'
+    ours = f'{series}{{job="batchserve",namespace="{NAMESPACE}",pod="w1",replica="a"}}'
+    (absent,) = [
+        r for r in _alert_rules(documents(ALL_ON)) if r["alert"] == "BatchserveMetricsAbsent"
+    ]
+
+    def case(values: dict[str, str], fires: bool) -> dict[str, Any]:
+        expected = [
+            {
+                "exp_labels": {"severity": "page", "job": "batchserve", "namespace": NAMESPACE},
+                "exp_annotations": {
+                    "summary": absent["annotations"]["summary"].replace(
+                        "{{ with $labels.namespace }} in {{ . }}{{ end }}", f" in {NAMESPACE}"
+                    ),
+                    "runbook_url": absent["annotations"]["runbook_url"],
+                },
+            }
+        ]
+        return {
+            "interval": "1m",
+            "input_series": [{"series": s, "values": v} for s, v in values.items()],
+            "alert_rule_test": [
+                {"eval_time": "9m", "alertname": "BatchserveMetricsAbsent", "exp_alerts": []},
+                {
+                    "eval_time": "10m",
+                    "alertname": "BatchserveMetricsAbsent",
+                    "exp_alerts": expected if fires else [],
+                },
+            ],
+        }
+
+    tests = tmp_path / "absent_test.yml"
+    tests.write_text(
+        yaml.safe_dump(
+            {
+                "rule_files": [rules.name],
+                "evaluation_interval": "1m",
+                "tests": [
+                    # Another namespace's replicas are scraped, ours are not: it fires for ours.
+                    case({other: "1x20"}, fires=True),
+                    # Ours are scraped: quiet.
+                    case({other: "1x20", ours: "1x20"}, fires=False),
+                ],
+            }
+        )
+    )
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool (Debian package prometheus) is needed"
+    out = subprocess.run(
+        [promtool, "test", "rules", str(tests)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def _container_ports(c: dict[str, Any]) -> dict[str, int]:

@@ -130,3 +130,43 @@ def test_latency_quantiles_are_recorded_at_p50_p95_p99() -> None:
     for metric in ("time_to_first_token", "inter_token_latency", "request_duration"):
         record = f"model:batchserve_{metric}_seconds:quantile_5m"
         assert recorded.get(record) == {"0.5", "0.95", "0.99"}, record
+
+
+# `absent(name{job="..."})`, the whole expression of an alert.
+ABSENT = re.compile(r'^absent\(([a-zA-Z_:][\w:]*)\{job="([^"]+)"\}\)$')
+
+
+def test_absent_alert_watches_a_series_each_replica_serves_from_its_start(tmp_path: Path) -> None:
+    """BatchserveMetricsAbsent is quiet only while its series exists: it must be one a
+    replica's /metrics serves before any request (a counter child created on first use
+    would page an idle, healthy service), scraped by the job of the replica ports."""
+    from fastapi.testclient import TestClient
+
+    from serve.cluster import build_gateway
+    from tests.fakes import FakeEngine
+    from tests.gateway.conftest import gateway_settings
+
+    watched = {}
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            for rule in group["rules"]:
+                match = ABSENT.match(" ".join(str(rule.get("expr", "")).split()))
+                if "alert" in rule and match:
+                    watched[rule["alert"]] = (match[1], match[2])
+    assert "BatchserveMetricsAbsent" in watched
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    replica_jobs = {
+        c["job_name"]
+        for c in config["scrape_configs"]
+        for s in c["static_configs"]
+        if "127.0.0.1:30000" in s["targets"]
+    }
+    assert replica_jobs == {"batchserve"}
+    app = build_gateway(gateway_settings(cache_dir=str(tmp_path / "cache")), FakeEngine())
+    with TestClient(app) as client:
+        exposition = client.get("/metrics").text
+    for alert, (name, job) in watched.items():
+        assert job in replica_jobs, alert
+        assert re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ", exposition, re.MULTILINE), (
+            f"{alert}: {name} is not on a fresh replica's /metrics"
+        )

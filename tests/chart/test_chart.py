@@ -162,6 +162,9 @@ def test_lint_is_clean(profile: str) -> None:
          "/monitoring/prometheusRule/runbookBaseUrl"),
         ({"monitoring": {"prometheusRule": {"runbookBaseUrl": "RUNBOOK.md"}}},
          "/monitoring/prometheusRule/runbookBaseUrl"),
+        ({"head": {"shmSize": "lots"}}, "/head/shmSize"),
+        ({"head": {"shmSize": 0}}, "/head/shmSize"),
+        ({"head": {"shmSize": None}}, "missing property 'shmSize'"),
     ],
 )  # fmt: skip
 def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any], where: str) -> None:
@@ -590,6 +593,73 @@ def test_gpu_workers_and_cpu_head(profiles: dict[str, list[dict[str, Any]]]) -> 
     cpu_c = cpu["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in cpu_c["resources"]["limits"]
     assert "emptyDir" in {v["name"]: v for v in cpu["template"]["spec"]["volumes"]}["model-cache"]
+
+
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+_UNITS = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_UNITS |= {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def _bytes(quantity: str | int) -> int:
+    """A Kubernetes memory quantity (`8Gi`, `500M`, `1073741824`) in bytes."""
+    match = _QUANTITY.match(str(quantity))
+    assert match, quantity
+    return int(float(match[1]) * _UNITS[match[2] or ""])
+
+
+def _ray_object_store_directory(memory_limit: int, shm_bytes: int, tmp: Path) -> str:
+    """Where Ray's own code puts a node's object store: the default size it picks for a
+    container with this memory limit (30% of the memory it sees, at most the limit), on
+    /dev/shm when that holds it, else in its temp dir (/tmp, on disk) with a warning."""
+    from ray._common import utils as common_utils
+    from ray._private import services
+    from ray._private import utils as ray_utils
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ray_utils, "get_shared_memory_bytes", lambda: shm_bytes)
+        patch.setattr(common_utils, "get_system_memory", lambda *_a, **_k: memory_limit)
+        store = ray_utils.resolve_object_store_memory(memory_limit)
+        directory, _, _ = services.determine_plasma_store_config(store, temp_dir=str(tmp))
+    return str(directory)
+
+
+def test_the_object_store_check_is_rays() -> None:
+    """The container runtime's 64 MB /dev/shm (no volume) sends the head's object store to
+    disk; so does one below 30% of the memory limit."""
+    tmp = Path("/tmp")
+    assert _ray_object_store_directory(8 * 2**30, 64 * 2**20, tmp) == str(tmp)
+    assert _ray_object_store_directory(8 * 2**30, 2 * 2**30, tmp) == str(tmp)
+    assert _ray_object_store_directory(8 * 2**30, 3 * 2**30, tmp) == "/dev/shm"
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_head_has_a_memory_backed_dev_shm_that_holds_rays_object_store(
+    profile: str, tmp_path: Path
+) -> None:
+    """Ray keeps each node's object store in /dev/shm, which is 64 MB in a container unless
+    a volume is mounted there (KubeRay mounts one the size of the memory limit when the
+    template has none): the head gets a memory-backed emptyDir of `head.shmSize`, as the
+    workers get `worker.shmSize`, large enough for the store Ray sizes from the head's
+    memory limit."""
+    values = merged(
+        yaml.safe_load((CHART_DIR / "values.yaml").read_text()), profile_values(profile)
+    )
+    cluster = rayservice(documents(profile_values(profile)))["spec"]["rayClusterConfig"]
+    pod = cluster["headGroupSpec"]["template"]["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == "ray-head"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volume = {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]]
+    assert volume["emptyDir"] == {"medium": "Memory", "sizeLimit": values["head"]["shmSize"]}
+    limit = _bytes(container["resources"]["limits"]["memory"])
+    shm = _bytes(volume["emptyDir"]["sizeLimit"])
+    assert shm <= limit
+    assert _ray_object_store_directory(limit, shm, tmp_path) == "/dev/shm", (profile, limit, shm)
+
+
+def test_head_shm_size_is_a_value() -> None:
+    cluster = rayservice(documents({"head": {"shmSize": "5Gi"}}))["spec"]["rayClusterConfig"]
+    volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "5Gi"}
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))

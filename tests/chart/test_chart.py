@@ -656,6 +656,24 @@ def test_head_has_a_memory_backed_dev_shm_that_holds_rays_object_store(
     assert _ray_object_store_directory(limit, shm, tmp_path) == "/dev/shm", (profile, limit, shm)
 
 
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+def test_worker_dev_shm_holds_rays_object_store(profile: str, tmp_path: Path) -> None:
+    """The workers' /dev/shm (`worker.shmSize`) holds the object store Ray sizes from their
+    memory limit: 8Gi beside 32Gi (and 1Gi beside the CPU profile's 6Gi) sent it to /tmp."""
+    cluster = rayservice(documents(profile_values(profile)))["spec"]["rayClusterConfig"]
+    for group in cluster["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (container,) = [c for c in pod["containers"] if c["name"] == "ray-worker"]
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volume = {v["name"]: v for v in pod["volumes"]}[mounts["/dev/shm"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        limit = _bytes(container["resources"]["limits"]["memory"])
+        shm = _bytes(volume["emptyDir"]["sizeLimit"])
+        assert shm <= limit
+        where = _ray_object_store_directory(limit, shm, tmp_path)
+        assert where == "/dev/shm", (profile, group["groupName"], limit, shm)
+
+
 def test_head_shm_size_is_a_value() -> None:
     cluster = rayservice(documents({"head": {"shmSize": "5Gi"}}))["spec"]["rayClusterConfig"]
     volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.prometheus_server import RULE_FILES
+from tests.prometheus_server import RULE_FILES, tool
 from tests.runbook import (
     RUNBOOK,
     anchors,
@@ -73,3 +75,18 @@ def test_runbook_links_within_itself_resolve() -> None:
     links = set(re.findall(r"\]\(#([^)]+)\)", text))
     assert links, "expected cross-references between sections"
     assert links <= runbook_anchors(), links - runbook_anchors()
+
+
+def test_runbook_queries_are_valid_promql(tmp_path: Path) -> None:
+    """Every line of the runbook's ```promql blocks parses (promtool checks each as the
+    expression of a recording rule)."""
+    blocks = re.findall(r"^```promql\n(.*?)^```", RUNBOOK.read_text(), re.MULTILINE | re.DOTALL)
+    queries = [line for block in blocks for line in block.splitlines() if line.strip()]
+    assert len(queries) >= 10
+    rules = [{"record": f"runbook:query_{i}", "expr": q} for i, q in enumerate(queries)]
+    path = tmp_path / "runbook.rules.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "runbook", "rules": rules}]}))
+    done = subprocess.run(
+        [tool("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr

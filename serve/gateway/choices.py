@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from serve.gateway.admission import Caller
@@ -67,14 +68,15 @@ class Choices:
             raise failed.exceptions[0] from None
         return [task.result() for task in tasks]
 
-    async def merged(self) -> AsyncIterator[tuple[int, str | None]]:
+    async def merged(self) -> AsyncGenerator[tuple[int, str | None], None]:
         """(choice index, text delta) as they come, and (index, None) when a choice ends.
 
         Stopping early (client gone) cancels every choice, which aborts its engine request.
         """
         if len(self.completions) == 1:
-            async for text in self.completions[0].deltas():
-                yield 0, text
+            async with contextlib.aclosing(self.completions[0].deltas()) as deltas:
+                async for text in deltas:
+                    yield 0, text
             yield 0, None
             return
         queue: asyncio.Queue[tuple[int, str | None] | Exception] = asyncio.Queue()

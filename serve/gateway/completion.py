@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,7 +161,7 @@ class Completion:
         prompt = len(self.prepared.request.prompt_token_ids)
         return Usage(prompt, self.completion_tokens, self.cached_tokens)
 
-    async def deltas(self) -> AsyncIterator[str]:
+    async def deltas(self) -> AsyncGenerator[str, None]:
         """Yield text deltas; aborts the engine request if the consumer stops early.
 
         Per delta only a timestamp and a counter add; everything else is settled once

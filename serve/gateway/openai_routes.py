@@ -9,6 +9,7 @@ the `x-batchserve-max-tokens-cap` header (and `finish_reason: "length"` if it wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
@@ -83,12 +84,16 @@ async def sse_stream(
         for index in range(count):
             yield sse.event(chunk_object(meta, index, first=True, with_usage=include_usage))
     try:
-        async for index, text in choices.merged():
-            if text is None:
-                reason = finish_reason(choices.completions[index].finish_reason)
-                yield sse.event(chunk_object(meta, index, finish=reason, with_usage=include_usage))
-            else:
-                yield sse.event(chunk_object(meta, index, text=text, with_usage=include_usage))
+        # aclosing: a close of this stream closes every choice now (engine requests aborted).
+        async with contextlib.aclosing(choices.merged()) as merged:
+            async for index, text in merged:
+                if text is None:
+                    reason = finish_reason(choices.completions[index].finish_reason)
+                    yield sse.event(
+                        chunk_object(meta, index, finish=reason, with_usage=include_usage)
+                    )
+                else:
+                    yield sse.event(chunk_object(meta, index, text=text, with_usage=include_usage))
     except Exception as exc:
         # Failure after the first byte: one error event (the SDK raises APIError), then [DONE].
         yield sse.event(error_body(as_batchserve_error(exc), Dialect.OPENAI))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncGenerator, Callable
@@ -97,8 +98,11 @@ async def sse_stream(
     """Workers AI SSE: `{"response": delta}` events, a usage event, then [DONE]."""
     event: Callable[[dict[str, Any]], bytes] = padded_event if padding else sse.event
     try:
-        async for text in completion.deltas():
-            yield event({"response": text})
+        # aclosing: a close of this stream (client gone, stall guard) closes the deltas
+        # now, which aborts the engine request, rather than when they are collected.
+        async with contextlib.aclosing(completion.deltas()) as deltas:
+            async for text in deltas:
+                yield event({"response": text})
     except Exception as exc:
         # Failure after the first byte: one error event, then [DONE].
         err = as_batchserve_error(exc)

@@ -226,13 +226,25 @@ class Completion:
                 await stream.aclose()
             finally:
                 if self.ticket is not None:  # before the caller writes the last byte
-                    await self.ticket.finish(
-                        prompt_tokens=self.usage.prompt_tokens,
-                        completion_tokens=self.completion_tokens,
-                        status="ok" if finished else ("error" if self.failed else "aborted"),
-                        finish_reason=self.finish_reason,
-                        first_token_at=self.first_token_at,
-                    )
+                    await self._finish_ticket(self.ticket, finished)
+
+    async def _finish_ticket(self, ticket: Ticket, finished: bool) -> None:
+        """This completion's share of the ticket's settlement, in a task of its own that a
+        cancel of the caller does not cut. A client gone mid-stream cancels the response
+        under Starlette's cancel scope, which cancels every later await of the task again:
+        awaited in place, a settlement with a round trip (Redis) ended at its first, the
+        tenant's stream lease stayed counted and no usage record was written."""
+        settling = asyncio.get_running_loop().create_task(
+            ticket.finish(
+                prompt_tokens=self.usage.prompt_tokens,
+                completion_tokens=self.completion_tokens,
+                status="ok" if finished else ("error" if self.failed else "aborted"),
+                finish_reason=self.finish_reason,
+                first_token_at=self.first_token_at,
+            )
+        )
+        ticket.gate.background(settling)
+        await asyncio.shield(settling)
 
     def expire(self) -> None:
         """The request timeout fired: end the generation with 408/3007."""

@@ -69,10 +69,15 @@ class GuardedStreamingResponse(StreamingResponse):
         self.stalled = False
 
     async def stream_response(self, send: Send) -> None:
-        stall_s = self.stall_s
-        if stall_s is None:  # no guard here: nothing per frame
-            await super().stream_response(send)
-            return
+        try:
+            if self.stall_s is None:  # no guard here: nothing per frame
+                await super().stream_response(send)
+            else:
+                await self._guarded(send, self.stall_s)
+        finally:
+            await self._close_body()
+
+    async def _guarded(self, send: Send, stall_s: float) -> None:
         watch = SendWatch(send)
         async with anyio.create_task_group() as group:
             group.start_soon(self._watch, watch, stall_s, group.cancel_scope)
@@ -80,10 +85,17 @@ class GuardedStreamingResponse(StreamingResponse):
                 await super().stream_response(watch)
             finally:
                 group.cancel_scope.cancel()
-        if self.stalled:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()  # runs the generation's cleanup: the engine request is aborted
+
+    async def _close_body(self) -> None:
+        """Close the body now, however the response ended: Starlette leaves it suspended
+        at its `yield` when a write fails or is cancelled (a client gone, the stall above).
+        Closing it runs the generation's cleanup (the engine request is aborted, the usage
+        settled); shielded, since the cancel scope that ended the response would cut
+        every await of that cleanup. A body that ran to its end closes at no cost."""
+        aclose = getattr(self.body_iterator, "aclose", None)
+        if aclose is not None:
+            with anyio.CancelScope(shield=True):
+                await aclose()
 
     async def _watch(self, watch: SendWatch, stall_s: float, scope: anyio.CancelScope) -> None:
         while True:

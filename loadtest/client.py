@@ -243,7 +243,13 @@ async def _run_part(
     return w
 
 
-def _worker_main(conn: Connection, target: Target, part: Any, load: Any, timeout_s: float) -> None:
+def _worker_main(
+    conn: Connection,
+    target: Target,
+    part: list[tuple[int, Session]],
+    load: LoadModel,
+    timeout_s: float,
+) -> None:
     conn.send("ready")
     start_ns = conn.recv()
     progress = Progress()

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
 
 from serve.errors import BatchserveError
 from serve.gateway.request_record import RequestRecord
@@ -19,7 +19,7 @@ from serve.gateway.request_record import RequestRecord
 ACCESS_LOGGER = "batchserve.access"
 
 
-class _JsonLines(logging.StreamHandler):  # type: ignore[type-arg]
+class _JsonLines(logging.StreamHandler[TextIO]):
     """Bare lines: the message is already the whole JSON object."""
 
 

@@ -43,10 +43,7 @@ class RequestRecord:
 
     @property
     def plan(self) -> str:
-        if self.tenant is None:
-            return "none"
-        plan: object = self.tenant.plan
-        return str(getattr(plan, "name", plan))
+        return "none" if self.tenant is None else self.tenant.plan.name
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:

@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 import anyio
-from starlette.responses import StreamingResponse
+from starlette.responses import ContentStream, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class SendWatch:
 class GuardedStreamingResponse(StreamingResponse):
     """A `StreamingResponse` that aborts when the client stops taking frames."""
 
-    def __init__(self, content: Any, *, stall_s: float | None, **kwargs: Any) -> None:
+    def __init__(self, content: ContentStream, *, stall_s: float | None, **kwargs: Any) -> None:
         super().__init__(content, **kwargs)
         self.stall_s = stall_s
         self.stalled = False

@@ -57,21 +57,8 @@ def cap_note(cap: int) -> dict[str, Any]:
     }
 
 
-def structured_of(response_format: dict[str, Any] | None) -> tuple[dict[str, Any] | None, bool]:
-    """`response_format` (extension): (JSON schema, json_object). The schema is given as is,
-    or wrapped OpenAI-style as `{"name": ..., "schema": {...}}`."""
-    if response_format is None:
-        return None, False
-    schema = response_format.get("json_schema")
-    if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
-        schema = schema["schema"]
-    if response_format["type"] == "json_schema" and isinstance(schema, dict):
-        return schema, False
-    return None, True
-
-
 def sampling_of(run: RunInput) -> SamplingRequest:
-    json_schema, json_object = structured_of(run.response_format)
+    json_schema, json_object = run.structured()
     return SamplingRequest(
         max_tokens=run.max_tokens,
         temperature=run.temperature,

@@ -333,6 +333,19 @@ class RunInput:
     # schema): refuse with 429/3040 at once rather than wait for a free slot.
     reject_if_busy: bool = False
 
+    def structured(self) -> tuple[dict[str, Any] | None, bool]:
+        """(JSON schema, json_object) asked for by `response_format` (extension). The
+        schema is given as is, or wrapped OpenAI-style as `{"name": ..., "schema": {...}}`."""
+        fmt = self.response_format
+        if fmt is None:
+            return None, False
+        schema = fmt.get("json_schema")
+        if isinstance(schema, dict) and isinstance(schema.get("schema"), dict):
+            schema = schema["schema"]
+        if fmt["type"] == "json_schema" and isinstance(schema, dict):
+            return schema, False
+        return None, True
+
 
 _CASTS: Final[dict[str, Callable[[Any], Any]]] = {
     "integer": int,

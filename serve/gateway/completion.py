@@ -336,6 +336,12 @@ class CompletionService:
         # Set by `close`: the error every later generation fails with at once.
         self.closing: Callable[[], BatchserveError] | None = None
 
+    @property
+    def max_choices(self) -> int:
+        """The most engine requests one HTTP request may start: all must hold a slot at
+        once, so more than the replica has could never be admitted."""
+        return self.max_inflight if self.gate is None else self.gate.queue.capacity
+
     async def check_health(self) -> None:
         """The engine's health check (Serve's, through the replica). A stalled engine also
         ends every running generation now with 408/3007: Serve is replacing the replica,

@@ -47,7 +47,8 @@ from serve.protocol.workers_ai import parse_json_body
 
 MAX_N: Final = 8
 """The most choices (`n`) one request may ask for; each choice is one engine request
-and takes one of the replica's admission slots. More is a 400 naming `n`."""
+and takes one of the replica's admission slots, so a replica with fewer slots allows
+fewer (`CompletionService.max_choices`). More is a 400 naming `n`."""
 
 OPENAI_DEFAULT_TEMPERATURE: Final = 1.0
 """OpenAI's documented default (the Workers AI route's default is the configured one)."""
@@ -110,8 +111,9 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
     async def respond(
         request: Request, tenant: Tenant, body: OpenAIRequest, prompt_ids: list[int]
     ) -> Response:
-        if body.n > MAX_N:
-            raise BadInput(f"n must be <= {MAX_N}", param="n")
+        most = min(MAX_N, ctx.completions.max_choices)
+        if body.n > most:
+            raise BadInput(f"n must be <= {most}", param="n")
         request_id = mark_reached_inference(request.scope)
         tenant_salt = ctx.cache_salt(tenant)
         asked = sampling_of(body)

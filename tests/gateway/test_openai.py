@@ -573,3 +573,19 @@ async def test_stream_options_without_stream_is_refused(client: httpx.AsyncClien
     assert error["param"] == "stream_options" and "only allowed when 'stream'" in error["message"]
     body["stream_options"] = None  # null is no option at all
     assert (await client.post(CHAT, headers=AUTH, json=body)).status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_beyond_the_replicas_slots_is_a_400_not_a_429(
+    client: httpx.AsyncClient, engine: FakeEngine, stream: bool
+) -> None:
+    """All n choices must hold an engine slot at once: an n above the replica's slots (4
+    here) could never be admitted, so a 429 would have its client retry for ever."""
+    body = {"model": MODEL, "messages": HI, "n": 5, "stream": stream}
+    r = await client.post(CHAT, headers=AUTH, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "n"
+    assert "n must be <= 4" in r.json()["error"]["message"]
+    assert engine.requests == []
+    body["n"] = 4
+    assert (await client.post(CHAT, headers=AUTH, json=body)).status_code == 200

@@ -7,6 +7,13 @@ error type. They are turned into bytes on the wire in exactly one place:
 
 from __future__ import annotations
 
+from typing import Literal
+
+# Why a request was refused with 429 (the `reason` label of batchserve_rejections_total,
+# `serve.metrics.REJECTION_REASONS`): rate, tokens, concurrency (tenant limits),
+# queue_full (this replica's admission), capacity (the cluster).
+RejectionReason = Literal["rate", "tokens", "concurrency", "queue_full", "capacity"]
+
 
 class BatchserveError(Exception):
     """Base of every error batchserve reports to a client."""
@@ -15,6 +22,8 @@ class BatchserveError(Exception):
     code: int = 3008
     openai_type: str = "server_error"
     openai_code: str | None = None
+    # The status of the OpenAI dialect when OpenAI's clients expect another (None: `status`).
+    openai_status: int | None = None
     # Errors raised before the request reached inference carry `result: null`
     # (Cloudflare's API-gateway layer); inference-layer errors carry `result: {}`.
     gateway_layer: bool = False
@@ -58,6 +67,7 @@ class UnknownModel(BatchserveError):
     code = 5007
     openai_type = "invalid_request_error"
     openai_code = "model_not_found"
+    openai_status = 404
 
     def __init__(self, model: str) -> None:
         message = (
@@ -84,6 +94,7 @@ class ContextWindowExceeded(BatchserveError):
     code = 5021
     openai_type = "invalid_request_error"
     openai_code = "context_length_exceeded"
+    openai_status = 400  # OpenAI's BadRequestError
 
     def __init__(self, requested: int, window: int, *, param: str = "max_tokens") -> None:
         super().__init__(
@@ -121,6 +132,7 @@ class MissingCredentials(BatchserveError):
     status = 400
     code = 9106
     openai_type = "invalid_request_error"
+    openai_status = 401  # OpenAI's AuthenticationError
     gateway_layer = True
 
     def __init__(
@@ -137,6 +149,7 @@ class MalformedAuthorization(BatchserveError):
     code = 6003
     openai_type = "invalid_request_error"
     openai_code = "invalid_api_key"
+    openai_status = 401
     gateway_layer = True
     chain = ((6111, "Invalid format for Authorization header"),)
 
@@ -170,17 +183,14 @@ class OutOfCapacity(BatchserveError):
     code = 3040
     openai_type = "rate_limit_error"
     openai_code = "rate_limit_exceeded"
-    # Why it was refused (the `reason` label of batchserve_rejections_total): one of
-    # rate, tokens, concurrency (tenant limits), queue_full (this replica's admission),
-    # capacity (the cluster).
-    reason: str = "capacity"
+    reason: RejectionReason = "capacity"
 
     def __init__(
         self,
         message: str = "Capacity temporarily exceeded, please try again.",
         *,
         retry_after_s: float = 1.0,
-        reason: str | None = None,
+        reason: RejectionReason | None = None,
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s)
         if reason is not None:
@@ -191,7 +201,7 @@ class TenantRateLimited(OutOfCapacity):
     """The tenant is over one of its plan's limits (or its gateway queue is full)."""
 
     def __init__(
-        self, message: str, *, retry_after_s: float, reason: str, state: object = None
+        self, message: str, *, retry_after_s: float, reason: RejectionReason, state: object = None
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s, reason=reason)
         # The `X-RateLimit-*` state to report (a `ratelimit.RateState`), if known.
@@ -238,6 +248,15 @@ class RouteNotFound(BatchserveError):
 
     def __init__(self, path: str) -> None:
         super().__init__(f"Could not route to {path}, perhaps your object identifier is invalid?")
+
+
+class FrameworkHttpError(BatchserveError):
+    """An HTTP error the web framework raised itself with a status no other error here
+    names: its status and detail, in the envelope of a server error."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 # -- 5xx and timeouts: ours --------------------------------------------------------------

@@ -11,12 +11,14 @@ next to ours by `ReplicaExposition`, every sample labelled with the replica id.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Final, get_args
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from serve.errors import RejectionReason
 
 # Time to first token and end-to-end latency: from a few ms to ten minutes. 2.0 is the TTFT
 # SLO of deploy/prometheus/rules/alerts.yml: an alert threshold must be a bucket boundary, or
@@ -36,7 +38,7 @@ QUEUE_WAIT_BUCKETS_S: Final = (
     2.5, 5.0, 10.0, 30.0, 60.0,
 )  # fmt: skip
 
-REJECTION_REASONS: Final = ("rate", "tokens", "concurrency", "queue_full", "capacity")
+REJECTION_REASONS: Final = get_args(RejectionReason)
 DIALECTS: Final = ("workers_ai", "openai")
 
 

@@ -9,7 +9,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
-from serve.errors import BatchserveError, MethodNotAllowed, RouteNotFound
+from serve.errors import BatchserveError, FrameworkHttpError, MethodNotAllowed, RouteNotFound
 from serve.gateway.catalog_routes import catalog_router
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import as_batchserve_error, dialect_of, error_response
@@ -74,8 +74,7 @@ def build_app(ctx: GatewayContext, observability: Observability) -> FastAPI:
         elif exc.status_code == 404:
             err = RouteNotFound(request.url.path)
         else:
-            err = BatchserveError(str(exc.detail))
-            err.status = exc.status_code
+            err = FrameworkHttpError(exc.status_code, str(exc.detail))
         record_of(request.scope).fail(err)
         return error_response(err, dialect_of(request.url.path))
 

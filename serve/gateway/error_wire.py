@@ -60,15 +60,10 @@ def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
 
 
 def error_status(err: BatchserveError, dialect: Dialect) -> int:
-    # OpenAI clients expect a 401 for missing keys, a 404 for unknown models and a
-    # 400 (BadRequestError, code context_length_exceeded) for an over-long request.
-    if dialect is Dialect.OPENAI:
-        if err.code in (9106, 6003):  # no key, or not a Bearer key: OpenAI's 401
-            return 401
-        if err.openai_code == "model_not_found":
-            return 404
-        if err.openai_code == "context_length_exceeded":
-            return 400
+    """OpenAI's clients expect a 401 for a missing or malformed key, a 404 for an unknown
+    model and a 400 for an over-long request (`BatchserveError.openai_status`)."""
+    if dialect is Dialect.OPENAI and err.openai_status is not None:
+        return err.openai_status
     return err.status
 
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from serve.errors import TenantRateLimited
+from serve.errors import RejectionReason, TenantRateLimited
 from serve.gateway.tenants import Plan, Tenant
 
 WINDOW_S = 60
@@ -106,7 +106,11 @@ def decide(
 
 
 # The `reason` label of batchserve_rejections_total.
-_REASONS = {"requests": "rate", "tokens": "tokens", "streams": "concurrency"}
+_REASONS: dict[str, RejectionReason] = {
+    "requests": "rate",
+    "tokens": "tokens",
+    "streams": "concurrency",
+}
 _MESSAGES = {
     "requests": "Rate limited: requests per minute exceeded for this plan",
     "tokens": "Rate limited: tokens per minute exceeded for this plan",

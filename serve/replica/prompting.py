@@ -48,6 +48,24 @@ def _render(tokenizer: ChatTokenizer, conversation: list[dict[str, str]]) -> str
     return rendered
 
 
+def _mark() -> str:
+    """A placeholder no template or user text holds by chance."""
+    return f"\u2063{secrets.token_hex(8)}\u2063"
+
+
+def keeps_content(tokenizer: ChatTokenizer) -> bool:
+    """Whether the chat template passes a message's content through as it is, which
+    `encode_chat` needs to keep content as text. A template that rewrites content makes
+    every conversation fall back to content rendered as markup, special tokens included
+    (a user can then forge turns): the engine says so once, at start. A template that
+    refuses a lone user message cannot tell, and counts as keeping it."""
+    mark = _mark()
+    try:
+        return mark in _render(tokenizer, [{"role": "user", "content": mark}])
+    except (BadInput, TemplateError):
+        return True
+
+
 def encode_chat(
     tokenizer: ChatTokenizer, messages: Sequence[ChatMessage], *, content_as_text: bool = True
 ) -> list[int]:
@@ -55,7 +73,7 @@ def encode_chat(
     if not content_as_text:
         text = _render(tokenizer, [{"role": m.role, "content": m.content} for m in messages])
         return list(tokenizer.encode(text, add_special_tokens=False))
-    marks = [f"\u2063{secrets.token_hex(8)}\u2063" for _ in messages]
+    marks = [_mark() for _ in messages]
     rendered = _render(
         tokenizer,
         [{"role": m.role, "content": mark} for m, mark in zip(messages, marks, strict=True)],

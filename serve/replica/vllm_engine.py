@@ -21,7 +21,7 @@ from serve.replica.engine import (
     TokenDelta,
 )
 from serve.replica.engine_processes import EngineProcesses
-from serve.replica.prompting import encode_chat
+from serve.replica.prompting import ChatTokenizer, encode_chat, keeps_content
 from serve.replica.watchdog import ProgressWatchdog
 from serve.settings import ModelSpec
 
@@ -86,6 +86,15 @@ class VllmEngine:
         # threads at once, and large prompts then wait for each other, not for the loop.
         self._tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="batchserve-tokenize")
         self._content_as_text = content_as_text
+        # vLLM types it as its TokenizerLike; it is the Hugging Face tokenizer the
+        # ChatTokenizer protocol describes (`encode_chat` passes it keywords vLLM's lacks).
+        if content_as_text and not keeps_content(cast(ChatTokenizer, self._tokenizer)):
+            log.warning(
+                "the chat template of %s rewrites message content: special tokens in "
+                "messages are read as markup (chat_content_as_text cannot apply), so a "
+                "user can forge chat turns",
+                spec.described_weights,
+            )
         # Liveness (`check_health`): outputs produced so far, all requests together.
         self._outputs = 0
         self._watchdog = ProgressWatchdog(stall_s)

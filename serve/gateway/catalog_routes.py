@@ -23,8 +23,8 @@ from starlette.responses import Response
 from serve.errors import BadInput
 from serve.gateway import openapi_doc
 from serve.gateway.context import GatewayContext
+from serve.gateway.envelope import envelope
 from serve.gateway.tenants import Tenant
-from serve.gateway.workers_ai_routes import envelope
 from serve.settings import QWEN_API_NAME
 
 _ACCOUNT_AI: Final = "/client/v4/accounts/{account_id}/ai"

@@ -11,7 +11,7 @@ from starlette.responses import Response
 from serve.errors import BadInput
 from serve.gateway import openapi_doc
 from serve.gateway.context import GatewayContext
-from serve.gateway.workers_ai_routes import envelope
+from serve.gateway.envelope import envelope
 
 USAGE_PATH = "/client/v4/accounts/{account_id}/ai/usage"
 _FIRST, _LAST = 0.0, datetime(9999, 12, 31, tzinfo=UTC).timestamp()

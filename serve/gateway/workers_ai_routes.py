@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import secrets
 from collections.abc import AsyncGenerator, Callable
 from typing import Any, Final
@@ -18,6 +17,7 @@ from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.completion import Completion, SamplingRequest
 from serve.gateway.context import GatewayContext
+from serve.gateway.envelope import envelope
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.keepalive import heartbeat_until_first
 from serve.gateway.request_id import mark_reached_inference
@@ -30,21 +30,6 @@ SCHEMA_PATH = "/client/v4/accounts/{account_id}/ai/models/schema"
 CAP_NOTE_CODE = 5022
 # Cloudflare's padding alphabet for the `p` field of stream events.
 PAD_ALPHABET: Final = "abdefghijklmnoprstuvxyz1234567890"
-
-
-def envelope(
-    result: dict[str, Any] | list[Any],
-    messages: list[dict[str, Any]],
-    *,
-    result_info: dict[str, int] | None = None,
-) -> Response:
-    body: dict[str, Any] = {"result": result, "success": True, "errors": [], "messages": messages}
-    if result_info is not None:  # a paged listing's `{page, per_page, count, total_count}`
-        body["result_info"] = result_info
-    return Response(
-        json.dumps(body, ensure_ascii=False, separators=(",", ":")),
-        media_type="application/json",
-    )
 
 
 def cap_note(cap: int) -> dict[str, Any]:

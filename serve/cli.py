@@ -185,9 +185,10 @@ def _banner(settings: Settings, token: str | None) -> str:
     )
 
 
-def cmd_up(ns: argparse.Namespace) -> int:
-    base = Settings()
-    settings, token = up_settings(ns, base)
+def _export_to_ray(settings: Settings) -> None:
+    """The variables Ray, Serve, HAProxy and vLLM read in the processes `up` starts (they
+    inherit this one's environment): the ones the settings decide, and Ray's defaults that
+    `up` changes unless the environment names them."""
     # Serve's direct ingress: HAProxy sends HTTP straight to the replica's own app.
     os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     # Direct ingress keeps a stopping replica draining for 30 s by default; locally,
@@ -205,6 +206,12 @@ def cmd_up(ns: argparse.Namespace) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
     _use_haproxy_wrapper(settings)
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    base = Settings()
+    settings, token = up_settings(ns, base)
+    _export_to_ray(settings)
     from serve.cluster import LocalCluster
 
     stop = threading.Event()

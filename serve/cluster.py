@@ -59,8 +59,11 @@ def build_gate(settings: Settings, metrics: GatewayMetrics) -> Gate:
         dead_after_s=settings.usage_owner_dead_after_s,
         sweep_s=settings.usage_sweep_s,
     )
+    # With Redis, the local file is only the fallback of an outage, whose records are
+    # handed on to Redis: a file of its own, so a single replica's history is not.
+    local_name = "usage.sqlite3" if settings.redis_url is None else "usage-fallback.sqlite3"
     local_ledger = SqliteLedger(
-        settings.usage_ledger_path or settings.cache_dir / "usage.sqlite3", timers=timers
+        settings.usage_ledger_path or settings.cache_dir / local_name, timers=timers
     )
     limiter: RateLimiter
     ledger: UsageLedger

@@ -215,7 +215,8 @@ class Settings(BaseSettings):
     # once during a flood (its time to first token stays near the idle figure). None:
     # one in 16 of the replica's engine slots (0 below 16 slots).
     queue_reserved_slots: int | None = Field(default=None, ge=0)
-    # Usage ledger without Redis: SQLite (WAL); default cache_dir/usage.sqlite3.
+    # Usage ledger without Redis: SQLite (WAL); default cache_dir/usage.sqlite3. With Redis:
+    # the fallback of an outage (default cache_dir/usage-fallback.sqlite3), handed on after.
     usage_ledger_path: Path | None = None
     # Write-ahead usage entries (serve/gateway/ledger.py): each replica's ledger refreshes a
     # heartbeat this often; one silent for `usage_owner_dead_after_s` is dead and its

@@ -17,6 +17,12 @@ expired, and writes each open entry's `replica_lost` record through the same
 `SET NX` script as every record (so two sweepers, or a sweeper and a late final
 record, never count a request twice), then deletes the entries and, once the
 hash is empty and the owner still dead, the owner.
+
+Records the fallback took while Redis was away are handed on once it answers again: each
+heartbeat that reaches Redis moves a page of them (written through the same `SET NX`
+script, so a record that had landed after all is not counted twice), then deletes them
+locally. Until then the usage route, which reads Redis, does not count them; a replica's
+local file would otherwise keep them from it for good.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ DEDUPE_TTL_S = 7 * 24 * 3600
 _PAGE = 1000
 # Ended requests whose open entries one heartbeat call deletes, at most.
 _FORGET_PER_CALL = 1000
+# Fallback records one heartbeat hands on to Redis, at most.
+_HAND_ON_PER_BEAT = 500
 
 _T = TypeVar("_T")
 
@@ -115,6 +123,9 @@ class RedisLedger:
         self._opened: dict[str, Literal["redis", "local"]] = {}
         # Ended requests whose Redis open entries the next heartbeat deletes.
         self._ended: set[str] = set()
+        # The fallback may hold records for Redis: at start (a file kept from before, or
+        # shared with a replica that wrote there) and after each write to it.
+        self._fallback_pending = fallback is not None
         self.liveness = Liveness("usage ledger (Redis)", self._timers, self.beat, self.sweep)
 
     @staticmethod
@@ -180,6 +191,7 @@ class RedisLedger:
             if self._fallback is None:
                 raise
             await self._fallback.record(record)  # also replaces a local open entry
+            self._fallback_pending = True
             return
         if opened == "local" and self._fallback is not None:
             await self._fallback.forget(record.request_id)
@@ -192,6 +204,22 @@ class RedisLedger:
                 self._beat(keys=owner_keys(self.owner), args=self._beat_args(None, chunk))
             )
             self._ended.difference_update(chunk)
+        await self._hand_on()
+
+    async def _hand_on(self) -> int:
+        """Move a page of the fallback's records to Redis (Redis answered just now)."""
+        if self._fallback is None or not self._fallback_pending:
+            return 0
+        records = await self._fallback.oldest(_HAND_ON_PER_BEAT)
+        for record in records:
+            await self._write(record)  # SET NX: one already there is not counted again
+        await self._fallback.drop([r.request_id for r in records])
+        if len(records) < _HAND_ON_PER_BEAT:
+            self._fallback_pending = False
+        if records:
+            log.info("%d usage records written while Redis was away handed on to it",
+                     len(records))  # fmt: skip
+        return len(records)
 
     async def sweep(self) -> int:
         """Finalize the open entries of dead owners; returns how many records it wrote."""

@@ -154,6 +154,19 @@ class SqliteLedger:
 
         self._tx(body, fsync=False)
 
+    def _oldest(self, limit: int) -> list[UsageRecord]:
+        assert self._conn is not None
+        rows = self._conn.execute(
+            "SELECT * FROM usage ORDER BY ended_at LIMIT ?", (limit,)
+        ).fetchall()
+        return [UsageRecord(*row) for row in rows]
+
+    def _drop(self, request_ids: Sequence[str]) -> None:
+        def body(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM usage WHERE request_id = ?", [(r,) for r in request_ids])
+
+        self._tx(body)
+
     def _beat(self) -> None:
         self._tx(lambda conn: conn.execute(_BEAT, (self.owner, self._clock())), fsync=False)
 
@@ -209,6 +222,14 @@ class SqliteLedger:
     async def forget(self, request_id: str) -> None:
         """Drop this owner's open entry of a request recorded elsewhere (`RedisLedger`)."""
         await self._run(self._forget, request_id)
+
+    async def oldest(self, limit: int) -> list[UsageRecord]:
+        """Up to `limit` final records, oldest first (to hand on to another store)."""
+        return await self._run(self._oldest, limit)
+
+    async def drop(self, request_ids: Sequence[str]) -> None:
+        """Delete these final records (handed on to another store that keeps them)."""
+        await self._run(self._drop, request_ids)
 
     async def beat(self) -> None:
         await self._run(self._beat)

@@ -277,10 +277,49 @@ async def test_redis_unreachable_open_goes_to_the_fallback(tmp_path: Path) -> No
 
         server.start()
         await ledger.record(final(e2))
-        assert (local("usage"), local("open_usage")) == (1, 0)
+        assert local("open_usage") == 0
+        await ledger.beat()  # Redis answers: the fallback's record is handed on
+        assert local("usage") == 0
         with closing(redis.Redis.from_url(server.url, decode_responses=True)) as r:
-            (rec,) = r.xrange(f"{KEY_PREFIX}:{{{ACCOUNT}}}:stream")
-            assert rec[1]["request_id"] == "req-2"
+            stream = r.xrange(f"{KEY_PREFIX}:{{{ACCOUNT}}}:stream")
+            assert sorted(rec[1]["request_id"] for rec in stream) == ["req-1", "req-2"]
+    finally:
+        await ledger.close()
+        server.stop()
+
+
+async def test_records_of_a_redis_outage_reach_redis_once_it_is_back(tmp_path: Path) -> None:
+    """Final records the fallback took while Redis was away are handed on when a heartbeat
+    reaches Redis again, so the usage route (which reads Redis) counts them, and a replica's
+    local file does not keep them from it. One that had reached Redis after all (a reply
+    lost to a timeout) is not counted twice."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="b-local")
+    ledger = RedisLedger(
+        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="b",
+        cooldown_s=0.0,
+    )  # fmt: skip
+    try:
+        landed = final(entry(0), completion_tokens=7)
+        await ledger.record(landed)
+        await fallback.record(landed)  # also kept locally, as after a lost reply
+        server.stop()
+        outage = [final(entry(i), completion_tokens=i) for i in range(1, 4)]
+        for record in outage:
+            await ledger.record(record)
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await ledger.beat()  # Redis still away: nothing handed on, nothing dropped
+        assert len(await fallback.oldest(100)) == 4
+
+        server.start()  # the same Redis back (AOF)
+        await ledger.beat()
+        assert await fallback.oldest(100) == []
+        (totals,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
+        assert (totals.requests, totals.prompt_tokens, totals.completion_tokens) == (4, 20, 13)
+        await ledger.beat()  # nothing left: nothing written twice
+        (again,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
+        assert again == totals
     finally:
         await ledger.close()
         server.stop()

@@ -259,7 +259,7 @@ class RedisLedger:
         start, end = f"{int(since * 1000)}", f"({int(until * 1000)}"
         sums: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         while True:
-            page = await self._redis.xrange(stream, min=start, max=end, count=_PAGE)
+            page = await self._bounded(self._redis.xrange(stream, min=start, max=end, count=_PAGE))
             for _entry_id, fields in page:
                 f = {_text(k): _text(v) for k, v in fields.items()}
                 row = sums[f["model"]]

@@ -92,7 +92,7 @@ class PreparedRequest:
     # max_tokens was lowered to the non-streaming cap.
     clamped: bool
     # The HTTP request this generation belongs to (metrics labels, access log).
-    record: RequestRecord = field(default_factory=lambda: RequestRecord(dialect="workers_ai"))
+    record: RequestRecord
 
 
 def plan_sampling(
@@ -389,8 +389,8 @@ class CompletionService:
             cache_salt=cache_salt,
             trace_headers=current_trace_headers(),
         )
-        if record is None:
-            return PreparedRequest(request=request, stream=stream, clamped=clamped)
+        # No record given (a caller outside a route, e.g. a test): a detached one.
+        record = RequestRecord(dialect="workers_ai") if record is None else record
         return PreparedRequest(request=request, stream=stream, clamped=clamped, record=record)
 
     async def start(

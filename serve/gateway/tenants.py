@@ -26,6 +26,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -201,8 +202,6 @@ class FileTenantStore:
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     def _reload(self, *, force: bool = False) -> None:
-        import time
-
         now = time.monotonic()
         if not force and now - self._checked_at < self._check_s:
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from serve.gateway.admission import Caller, Gate, Ticket
 from serve.gateway.request_record import RequestRecord
 from serve.gateway.tracing import current_trace_headers
 from serve.metrics import GatewayMetrics, yes_no
+from serve.protocol.sampling import SamplingRequest
 from serve.replica.engine import Engine, FinishReason, GenerateRequest, SamplingOptions
 
 # vLLM requires 0 < top_p <= 1 and repetition_penalty > 0; the Workers AI schema
@@ -56,23 +57,6 @@ class Usage:
 
     def as_openai_dict(self) -> dict[str, Any]:
         return {**self.as_dict(), "prompt_tokens_details": {"cached_tokens": self.cached_tokens}}
-
-
-@dataclass(frozen=True)
-class SamplingRequest:
-    """Sampling fields as a client sent them (None = not given)."""
-
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    stop: tuple[str, ...] = ()
-    json_schema: Mapping[str, Any] | None = None
-    json_object: bool = False
 
 
 @dataclass(frozen=True)

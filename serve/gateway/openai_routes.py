@@ -25,7 +25,6 @@ from serve.gateway import openapi_doc
 from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.choices import Choices, choice_request_id, choice_seed
-from serve.gateway.completion import SamplingRequest
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.request_id import mark_reached_inference
@@ -50,30 +49,10 @@ MAX_N: Final = 8
 and takes one of the replica's admission slots, so a replica with fewer slots allows
 fewer (`CompletionService.max_choices`). More is a 400 naming `n`."""
 
-OPENAI_DEFAULT_TEMPERATURE: Final = 1.0
-"""OpenAI's documented default (the Workers AI route's default is the configured one)."""
-
 CAP_HEADER: Final = "x-batchserve-max-tokens-cap"
 _PREFIXES: Final = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
 
 OpenAIRequest = ChatCompletionRequest | CompletionRequest
-
-
-def sampling_of(body: OpenAIRequest) -> SamplingRequest:
-    json_schema, json_object = body.structured()
-    return SamplingRequest(
-        max_tokens=body.wanted_max_tokens,
-        temperature=OPENAI_DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-        top_p=body.top_p,
-        top_k=body.wanted_top_k,
-        seed=body.seed,
-        repetition_penalty=body.repetition_penalty,
-        frequency_penalty=body.frequency_penalty,
-        presence_penalty=body.presence_penalty,
-        stop=body.stop_strings,
-        json_schema=json_schema,
-        json_object=json_object,
-    )
 
 
 async def sse_stream(
@@ -116,7 +95,7 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
             raise BadInput(f"n must be <= {most}", param="n")
         request_id = mark_reached_inference(request.scope)
         tenant_salt = ctx.cache_salt(tenant)
-        asked = sampling_of(body)
+        asked = body.sampling()
         prepared = [
             ctx.completions.prepare(
                 request_id=choice_request_id(request_id, i, body.n),

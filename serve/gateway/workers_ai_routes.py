@@ -15,7 +15,7 @@ from serve.errors import BadInput, LoraUnsupported
 from serve.gateway import openapi_doc
 from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
-from serve.gateway.completion import Completion, SamplingRequest
+from serve.gateway.completion import Completion
 from serve.gateway.context import GatewayContext
 from serve.gateway.envelope import envelope
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
@@ -23,7 +23,7 @@ from serve.gateway.keepalive import heartbeat_until_first
 from serve.gateway.request_id import mark_reached_inference
 from serve.gateway.request_record import record_of
 from serve.gateway.stream_guard import GuardedStreamingResponse
-from serve.protocol.workers_ai import RunInput, parse_json_body, parse_run_input, published_schema
+from serve.protocol.workers_ai import parse_json_body, parse_run_input, published_schema
 
 RUN_PATH = "/client/v4/accounts/{account_id}/ai/run/{model:path}"
 SCHEMA_PATH = "/client/v4/accounts/{account_id}/ai/models/schema"
@@ -40,22 +40,6 @@ def cap_note(cap: int) -> dict[str, Any]:
             "send stream: true for longer output"
         ),
     }
-
-
-def sampling_of(run: RunInput) -> SamplingRequest:
-    json_schema, json_object = run.structured()
-    return SamplingRequest(
-        max_tokens=run.max_tokens,
-        temperature=run.temperature,
-        top_p=run.top_p,
-        top_k=run.top_k,
-        seed=run.seed,
-        repetition_penalty=run.repetition_penalty,
-        frequency_penalty=run.frequency_penalty,
-        presence_penalty=run.presence_penalty,
-        json_schema=json_schema,
-        json_object=json_object,
-    )
 
 
 def padded_event(payload: dict[str, Any]) -> bytes:
@@ -112,7 +96,7 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
         prepared = ctx.completions.prepare(
             request_id=mark_reached_inference(request.scope),
             prompt_token_ids=prompt_ids,
-            asked=sampling_of(run_input),
+            asked=run_input.sampling(),
             stream=run_input.stream,
             cache_salt=ctx.cache_salt(tenant),
             record=record_of(request.scope),

@@ -39,10 +39,13 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from serve.errors import BadInput
+from serve.protocol.sampling import SamplingRequest, sampling_request
 from serve.protocol.workers_ai import reject_if_busy
 from serve.replica.engine import ChatMessage
 
 MAX_STOP: Final = 4
+DEFAULT_TEMPERATURE: Final = 1.0
+"""OpenAI's documented default (the Workers AI route's default is the configured one)."""
 _SEED_MIN: Final = -(2**63)
 _SEED_MAX: Final = 2**63 - 1
 # vLLM clamps top_k to the vocabulary, but the engine's msgpack wire carries no integer
@@ -153,6 +156,16 @@ class _Common(_Wire):
             if fmt.json_schema.schema_ is not None:
                 return fmt.json_schema.schema_, False
         return None, True
+
+    def sampling(self) -> SamplingRequest:
+        """What this request asks of the sampler (temperature: OpenAI's default if unset)."""
+        return sampling_request(
+            self,
+            max_tokens=self.wanted_max_tokens,
+            temperature=DEFAULT_TEMPERATURE if self.temperature is None else self.temperature,
+            top_k=self.wanted_top_k,
+            stop=self.stop_strings,
+        )
 
     @property
     def reject_if_busy(self) -> bool:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Final
 
 from serve.errors import BadInput
+from serve.protocol.sampling import SamplingRequest, sampling_request
 from serve.replica.engine import ChatMessage
 
 TEXT_MAX_CHARS: Final = 131072
@@ -345,6 +346,12 @@ class RunInput:
         if fmt["type"] == "json_schema" and isinstance(schema, dict):
             return schema, False
         return None, True
+
+    def sampling(self) -> SamplingRequest:
+        """What this input asks of the sampler (None: the gateway's default applies)."""
+        return sampling_request(
+            self, max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k
+        )
 
 
 _CASTS: Final[dict[str, Callable[[Any], Any]]] = {

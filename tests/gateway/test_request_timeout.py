@@ -16,8 +16,9 @@ from prometheus_client import CollectorRegistry
 
 from serve.cluster import build_gateway
 from serve.errors import EngineStalled, EngineUnavailable, RequestTimeout
-from serve.gateway.completion import Budget, CompletionService, SamplingRequest
+from serve.gateway.completion import Budget, CompletionService
 from serve.metrics import GatewayMetrics
+from serve.protocol.sampling import SamplingRequest
 from serve.settings import Settings
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import AUTH, MODEL, RUN_URL

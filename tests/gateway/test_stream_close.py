@@ -9,9 +9,10 @@ from prometheus_client import CollectorRegistry
 
 from serve.gateway import openai_routes, workers_ai_routes
 from serve.gateway.choices import Choices
-from serve.gateway.completion import Budget, Completion, CompletionService, SamplingRequest
+from serve.gateway.completion import Budget, Completion, CompletionService
 from serve.metrics import GatewayMetrics
 from serve.protocol.openai import ResponseMeta
+from serve.protocol.sampling import SamplingRequest
 from tests.fakes import FakeEngine
 from tests.gateway.conftest import MODEL
 

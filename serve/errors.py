@@ -7,7 +7,10 @@ error type. They are turned into bytes on the wire in exactly one place:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:  # the limiter's module raises these errors: no import at run time
+    from serve.gateway.ratelimit import RateState
 
 # Why a request was refused with 429 (the `reason` label of batchserve_rejections_total,
 # `serve.metrics.REJECTION_REASONS`): rate, tokens, concurrency (tenant limits),
@@ -201,10 +204,16 @@ class TenantRateLimited(OutOfCapacity):
     """The tenant is over one of its plan's limits (or its gateway queue is full)."""
 
     def __init__(
-        self, message: str, *, retry_after_s: float, reason: RejectionReason, state: object = None
+        self,
+        message: str,
+        *,
+        retry_after_s: float,
+        reason: RejectionReason,
+        state: RateState | None = None,
     ) -> None:
         super().__init__(message, retry_after_s=retry_after_s, reason=reason)
-        # The `X-RateLimit-*` state to report (a `ratelimit.RateState`), if known.
+        # The `X-RateLimit-*` state to report: the counters the limiter refused on (None
+        # for the fair queue's refusals, which decide on no counters).
         self.state = state
 
 

@@ -110,3 +110,12 @@ class FakeEngine:
 
     def shutdown(self) -> None:
         return None
+
+
+async def until_running(engine: FakeEngine, timeout_s: float = 5.0) -> None:
+    """Until a request is in `engine` (one started in a task of its own)."""
+    for _ in range(int(timeout_s / 0.01)):
+        if engine.running:
+            return
+        await asyncio.sleep(0.01)
+    assert engine.running, f"no request reached the engine in {timeout_s} s"

@@ -22,7 +22,7 @@ from typing import Any
 from serve.errors import ModelNotInPlan, TenantRateLimited
 from serve.gateway.fair_queue import FairQueue, Lease
 from serve.gateway.ledger import OpenRequest, UsageLedger, UsageRecord
-from serve.gateway.ratelimit import RateLimiter, RateState, Reservation
+from serve.gateway.ratelimit import RateLimiter, Reservation
 from serve.gateway.tenants import Tenant
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Gate:
                 caller.tenant, request_id, reserve, streams=choices
             )
         except TenantRateLimited as refused:
-            if isinstance(refused.state, RateState):
+            if refused.state is not None:
                 headers_out.update(refused.state.headers())
             raise
         headers_out.update(reservation.state.headers())

@@ -1,9 +1,12 @@
 """Headers added to every response in one pass: the standard security headers and
 the `X-RateLimit-*` headers (pure ASGI, streams untouched).
 
-The rate headers are the ones admission computed; a response of an authenticated
-caller that never reached admission (a 400, the model listing, the schema route)
-gets the tenant's current counters from a read-only `RateLimiter.peek`.
+The rate headers are the ones admission computed (for a refusal of the tenant's
+limiter, the counters it refused on); a response of an authenticated caller that never
+reached admission (a 400, the model listing, the schema route) gets the tenant's current
+counters from a read-only `RateLimiter.peek`. A 429 never reads them: in a flood the
+refusals are what multiplies, and one that decided on no counters (the fair queue's, before
+the body is read) has none to report; its answer is Retry-After.
 
 One middleware rather than one per header family: its `send` wrapper runs for every
 body chunk, i.e. per streamed token."""
@@ -16,6 +19,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve.errors import OutOfCapacity
 from serve.gateway.admission import RATE_HEADERS_KEY
 from serve.gateway.ratelimit import RateLimiter
 from serve.gateway.request_record import RECORD_KEY, RequestRecord
@@ -58,7 +62,9 @@ class ResponseHeadersMiddleware:
                 present = {name for name, _ in headers}
                 headers += [h for h in SECURITY_HEADERS if h[0] not in present]
                 state = scope.get("state", {})
-                rate = state.get(RATE_HEADERS_KEY) or await self.current_rate_headers(state)
+                rate = state.get(RATE_HEADERS_KEY)
+                if not rate and message["status"] != OutOfCapacity.status:
+                    rate = await self.current_rate_headers(state)
                 if rate:
                     headers += [(k.lower().encode(), v.encode()) for k, v in rate.items()]
                 message = {**message, "headers": headers}

@@ -6,6 +6,7 @@ counters, read with `RateLimiter.peek`, which never counts. In memory, and on a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +20,7 @@ from serve.cluster import build_gateway
 from serve.gateway.ratelimit import InMemoryRateLimiter, window_of
 from serve.gateway.redis_ratelimit import RedisRateLimiter, redis_client
 from serve.gateway.tenants import Plan, Tenant
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, until_running
 from tests.gateway.test_redis_tenancy import AUTH as REDIS_AUTH
 from tests.gateway.test_redis_tenancy import URL as REDIS_RUN_URL
 from tests.gateway.test_redis_tenancy import RedisServer, make_app
@@ -218,3 +219,63 @@ async def test_redis_gone_peek_leaves_headers_out_fast(
         elapsed = time.monotonic() - started
     assert statuses == [200] * 5
     assert elapsed < 5, f"5 listings took {elapsed:.1f}s with Redis down"
+
+
+def limiter_reads(store: redis.Redis) -> int:
+    """MGETs the Redis server has answered: the limiter's reads (`peek`); admission and
+    settlement are scripts."""
+    stats = cast(dict[str, dict[str, int]], store.info("commandstats"))
+    return stats.get("cmdstat_mget", {}).get("calls", 0)
+
+
+async def test_refused_requests_read_no_counters(tmp_path: Path, redis_server: RedisServer) -> None:
+    """A 429 reports the state its refusal carried, without reading Redis: a flood's
+    refusals add no Redis load. The limiter's refusal carries the counters it decided on;
+    the fair queue's early refusal (before the body is read) carries none, and reports none."""
+    await away_from_window_edge()
+    app = make_app(
+        tmp_path,
+        redis_server,
+        "g",
+        overrides={"max_inflight_per_replica": 1, "queue_max_per_tenant": 0},
+        requests_per_minute=3,
+        tokens_per_minute=10_000,
+    )
+    engine = cast(FakeEngine, app.state.engine)
+    store = redis.Redis(port=redis_server.port)
+    ok = {"prompt": "hi", "max_tokens": 2}
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://g") as c:
+        # A stream holds the replica's one slot.
+        engine.stall_after = 1
+        stream = asyncio.create_task(
+            c.post(REDIS_RUN_URL, headers=REDIS_AUTH, json={**ok, "stream": True})
+        )
+        try:
+            await until_running(engine)
+            before = limiter_reads(store)
+            for _ in range(5):
+                r = await c.post(REDIS_RUN_URL, headers=REDIS_AUTH, json=ok)
+                assert r.status_code == 429, r.text
+                assert "queued" in r.json()["errors"][0]["message"]
+                assert not any(h in r.headers for h in RATE_HEADERS)
+            assert limiter_reads(store) == before
+        finally:
+            stream.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stream
+        # The slot is free again: two more requests use up the plan's three.
+        engine.stall_after = None
+        for _ in range(2):
+            assert (await c.post(REDIS_RUN_URL, headers=REDIS_AUTH, json=ok)).status_code == 200
+        before = limiter_reads(store)
+        for _ in range(5):
+            r = await c.post(REDIS_RUN_URL, headers=REDIS_AUTH, json=ok)
+            assert r.status_code == 429, r.text
+            assert r.headers["x-ratelimit-limit"] == "3"
+            assert r.headers["x-ratelimit-remaining"] == "0"
+        assert limiter_reads(store) == before
+        # A response that reached no admission still reads them (once).
+        r = await c.get("/v1/models", headers=REDIS_AUTH)
+        assert r.headers["x-ratelimit-remaining"] == "0"
+        assert limiter_reads(store) == before + 1
+    store.close()

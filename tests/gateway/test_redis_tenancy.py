@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +57,15 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
         server.stop()
 
 
-def make_app(tmp_path: Path, redis: RedisServer, name: str, **plan: object) -> FastAPI:
+def make_app(
+    tmp_path: Path,
+    redis: RedisServer,
+    name: str,
+    *,
+    overrides: Mapping[str, object] | None = None,
+    **plan: object,
+) -> FastAPI:
+    """A gateway on `redis` for tenant r (plan `plan`), with settings `overrides`."""
     tenants = tmp_path / "tenants.yaml"
     tenants.write_text(
         yaml.safe_dump(
@@ -81,6 +89,7 @@ def make_app(tmp_path: Path, redis: RedisServer, name: str, **plan: object) -> F
             "tenants_file": str(tenants),
             "redis_url": redis.url,
             **{k: v for k, v in plan.items() if k == "rate_limit_fail_open"},
+            **(overrides or {}),
         }
     )
     engine = FakeEngine(reply="a b c d e f g h", delay_s=0.02)

@@ -20,7 +20,7 @@ from serve.cluster import build_gateway
 from serve.gateway.tenants import hash_token
 from serve.settings import Settings, cpu_catalog
 from serve.tenants_cli import add_token, revoke_tokens
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, until_running
 
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 TOKEN_A = "tok-tenant-a-secret-0001"
@@ -297,11 +297,7 @@ async def test_max_concurrent_streams_counts_non_streaming_requests_too(
             c.post(run_url("acct-a"), headers=bearer(TOKEN_A), json={"prompt": "a", "stream": True})
         )
         try:
-            for _ in range(500):  # until the stream is in the engine (5 s at most)
-                if engine.running:
-                    break
-                await asyncio.sleep(0.01)
-            assert engine.running
+            await until_running(engine)
             r = await c.post(run_url("acct-a"), headers=bearer(TOKEN_A), json={"prompt": "b"})
             assert r.status_code == 429, r.text
             message = r.json()["errors"][0]["message"]

@@ -202,9 +202,9 @@ def _export_to_ray(settings: Settings) -> None:
     # Its stall guard, and HAProxy's in front of it, with the application's limit.
     os.environ[STREAM_STALL_ENV] = str(settings.stream_stall_s)
     os.environ.setdefault(TIMEOUT_CLIENT_ENV, str(client_timeout_s(settings.stream_stall_s)))
+    # (vLLM's own variables are set in the replica, by serve.cluster.compose_replica.)
     if settings.profile == "cpu":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kv_cache_gib))
     _use_haproxy_wrapper(settings)
 
 

@@ -176,11 +176,13 @@ def build_gateway(
 def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
     """One replica: a vLLM engine and the gateway in front of it."""
     from serve.replica.deployment import ReplicaParts
-    from serve.replica.vllm_engine import VllmEngine
+    from serve.replica.vllm_engine import VllmEngine, export_vllm_environment
 
+    # This process's environment is vLLM's configuration too: before the engine starts
+    # (the one place it is set for `up`, the chart and `serve run` alike).
+    export_vllm_environment(cpu_kv_cache_gib=settings.cpu_kv_cache_gib)
     engine = VllmEngine(
         settings.served_model,
-        cpu_kv_cache_gib=settings.cpu_kv_cache_gib,
         content_as_text=settings.chat_content_as_text,
         stall_s=settings.engine_stall_s,
         otlp_traces_endpoint=settings.otel_traces_endpoint,

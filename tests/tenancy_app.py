@@ -37,9 +37,10 @@ def create_app() -> FastAPI:
     )
     engine: Engine
     if model:
-        from serve.replica.vllm_engine import VllmEngine
+        from serve.replica.vllm_engine import VllmEngine, export_vllm_environment
 
-        engine = VllmEngine(settings.served_model, cpu_kv_cache_gib=1)
+        export_vllm_environment(cpu_kv_cache_gib=1)
+        engine = VllmEngine(settings.served_model)
     else:
         engine = FakeEngine(
             reply="one two three four five six seven eight",

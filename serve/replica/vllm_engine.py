@@ -45,32 +45,40 @@ def vllm_version() -> str:
     return "unknown"
 
 
+def export_vllm_environment(*, cpu_kv_cache_gib: int) -> None:
+    """The variables vLLM (and oneDNN under it) read from this process's environment,
+    unless the environment names them already. Call it in the replica's process before
+    vllm is imported (`serve.cluster.compose_replica` does, before `VllmEngine`): vLLM
+    reads them at import and engine start, and its engine processes inherit them."""
+    # The CPU platform turns it into the KV cache's size when the engine's config is made
+    # (CpuPlatform.check_and_update_config); no other backend reads it.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
+    # vLLM's own logging setup (`dictConfig`) closes every handler of the process. In a
+    # Serve replica that includes the `ray.serve` logger's MemoryHandler: once it has
+    # lost its target it keeps every record (Serve logs one per request, 429s too:
+    # about 2 KB a request, never freed) and writes none. vLLM's loggers then go
+    # through the root logger, as every other library's do. Set in the environment so
+    # the engine's own processes inherit it.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    # oneDNN's process-wide primitive cache (up to 1,024 kernels, one per new batch
+    # shape) grew the CPU engine's Worker by 160-220 MB over 8 load bursts, a little
+    # more each burst; vLLM's CPU matmuls keep their own cache per layer, and with this
+    # one off the engine stayed flat (RELIABILITY.md, "A burst of 10x capacity").
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+
+
 class VllmEngine:
-    """One `AsyncLLM` with delta output, owned by one replica."""
+    """One `AsyncLLM` with delta output, owned by one replica (its process's environment
+    prepared by `export_vllm_environment` first)."""
 
     def __init__(
         self,
         spec: ModelSpec,
         *,
-        cpu_kv_cache_gib: int = 2,
         content_as_text: bool = True,
         stall_s: float = 60.0,
         otlp_traces_endpoint: str | None = None,
     ) -> None:
-        # vllm reads this at engine start; it only matters for the CPU backend.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_cache_gib))
-        # vLLM's own logging setup (`dictConfig`) closes every handler of the process. In a
-        # Serve replica that includes the `ray.serve` logger's MemoryHandler: once it has
-        # lost its target it keeps every record (Serve logs one per request, 429s too:
-        # about 2 KB a request, never freed) and writes none. vLLM's loggers then go
-        # through the root logger, as every other library's do. Set in the environment so
-        # the engine's own processes inherit it.
-        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-        # oneDNN's process-wide primitive cache (up to 1,024 kernels, one per new batch
-        # shape) grew the CPU engine's Worker by 160-220 MB over 8 load bursts, a little
-        # more each burst; vLLM's CPU matmuls keep their own cache per layer, and with this
-        # one off the engine stayed flat (RELIABILITY.md, "A burst of 10x capacity").
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
         from vllm.v1.engine.async_llm import AsyncLLM
 
         engine_args = _engine_args(spec, otlp_traces_endpoint)

@@ -37,7 +37,7 @@ import pytest_asyncio
 from prometheus_client import REGISTRY
 
 from serve.replica.engine import ChatMessage, GenerateRequest, SamplingOptions, TokenDelta
-from serve.replica.vllm_engine import VllmEngine
+from serve.replica.vllm_engine import VllmEngine, export_vllm_environment
 from serve.settings import QWEN_API_NAME, cpu_catalog
 from tests.fixtures.tiny_qwen2 import build_tiny_qwen2
 
@@ -58,16 +58,17 @@ PROMPTS = ["Tell me about the sea.", "What is a fox?", "Count to ten.", "hello w
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[VllmEngine]:
     with pytest.MonkeyPatch.context() as env:
-        # What the replica's environment holds (VllmEngine would set the last two for
-        # good), undone afterwards for the tests that run after this module.
+        # What the replica's environment holds (export_vllm_environment would set the
+        # last two for good), undone afterwards for the tests that run after this module.
         env.setenv("HF_HUB_OFFLINE", "1")
         env.setenv("TRANSFORMERS_OFFLINE", "1")
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setenv("VLLM_CONFIGURE_LOGGING", "0")
         model_dir = build_tiny_qwen2(tmp_path_factory.mktemp("tiny-qwen2-stall"))
         spec = cpu_catalog(str(model_dir), embedded=False)[0]
-        # What compose_replica passes, with the cluster tier's KV cache size.
-        built = VllmEngine(spec, cpu_kv_cache_gib=1)
+        # What compose_replica does, with the cluster tier's KV cache size.
+        export_vllm_environment(cpu_kv_cache_gib=1)
+        built = VllmEngine(spec)
         try:
             yield built
         finally:

@@ -27,6 +27,8 @@ class BatchserveError(Exception):
     openai_code: str | None = None
     # The status of the OpenAI dialect when OpenAI's clients expect another (None: `status`).
     openai_status: int | None = None
+    # The message of the OpenAI dialect when OpenAI's clients read another (None: `message`).
+    openai_message: str | None = None
     # Errors raised before the request reached inference carry `result: null`
     # (Cloudflare's API-gateway layer); inference-layer errors carry `result: {}`.
     gateway_layer: bool = False
@@ -107,6 +109,14 @@ class ContextWindowExceeded(BatchserveError):
         )
         self.requested = requested
         self.window = window
+        # OpenAI's and vLLM's wording (hosted Workers AI's vLLM models say it too): clients
+        # of the OpenAI dialect match this text, not the code (LiteLLM's
+        # ContextWindowExceededError, which its context-window fallbacks catch).
+        self.openai_message = (
+            f"AiError: This model's maximum context length is {window} tokens. However, you "
+            f"requested {requested} tokens (input and maximum output together). Please reduce "
+            "the length of the messages or max_tokens."
+        )
 
 
 class BodyTooLarge(BatchserveError):

@@ -42,7 +42,7 @@ def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
     if dialect is Dialect.OPENAI:
         return {
             "error": {
-                "message": err.message,
+                "message": err.openai_message or err.message,
                 "type": err.openai_type,
                 "param": err.param,
                 "code": err.openai_code or str(err.code),

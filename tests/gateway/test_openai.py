@@ -306,7 +306,7 @@ async def test_context_window(settings: Settings) -> None:
                 stream=True,
             )
         assert caught.value.code == "context_length_exceeded"
-        assert "(101)" in caught.value.message and "(100)" in caught.value.message
+        assert "is 100 tokens" in caught.value.message and "101 tokens" in caught.value.message
         # Non-streaming: the cap (8) applies first, so a huge max_tokens still fits.
         out = await client.chat.completions.create(
             model=MODEL,
@@ -314,6 +314,48 @@ async def test_context_window(settings: Settings) -> None:
             max_tokens=10_000,
         )
         assert out.choices[0].finish_reason == "length"
+
+
+async def test_context_window_message_is_openais(settings: Settings) -> None:
+    """LiteLLM (its `openai/` and `cloudflare/` providers) raises ContextWindowExceededError,
+    which its context-window fallbacks and the apps that trim history catch, only when the
+    error's text reads like OpenAI's or vLLM's ("This model's maximum context length is N
+    tokens"): the code alone is not looked at. The Workers AI route keeps Cloudflare's 5021
+    text. The request is the one LiteLLM sends."""
+    app = build_gateway(settings, FakeEngine(context_window=100))
+    transport = httpx.ASGITransport(app=app)
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "word " * 30}],
+        "max_tokens": 100,
+    }
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        for prefix in PREFIXES:
+            for stream in (False, True):
+                r = await http.post(
+                    f"{prefix}/chat/completions", json={**body, "stream": stream}, headers=AUTH
+                )
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["code"] == "context_length_exceeded"
+                # "<user>" + 150 characters + "<assistant>" = 167 prompt tokens, + 100
+                # (+ 8, the non-streaming cap of these settings).
+                assert "this model's maximum context length is 100 tokens" in (
+                    error["message"].lower()
+                ), error
+                requested = 267 if stream else 175
+                assert f"you requested {requested} tokens" in error["message"], error
+        r = await http.post(
+            f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}",
+            json={"prompt": "word " * 30, "max_tokens": 100},
+            headers=AUTH,
+        )
+        assert r.status_code == 413
+        assert r.json()["errors"][0] == {
+            "code": 5021,
+            "message": "AiError: The estimated number of input and maximum output tokens "
+            "(175) exceeded this model context window limit (100).",
+        }
 
 
 async def test_non_stream_cap(client: httpx.AsyncClient, engine: FakeEngine) -> None:

@@ -210,12 +210,19 @@ class RedisLedger:
         """Move a page of the fallback's records to Redis (Redis answered just now)."""
         if self._fallback is None or not self._fallback_pending:
             return 0
-        records = await self._fallback.oldest(_HAND_ON_PER_BEAT)
-        for record in records:
-            await self._write(record)  # SET NX: one already there is not counted again
-        await self._fallback.drop([r.request_id for r in records])
-        if len(records) < _HAND_ON_PER_BEAT:
-            self._fallback_pending = False
+        # Cleared before the read, not after: a record that falls back while this page is
+        # handed on (`record` awaits beside the heartbeat) sets it again for the next beat.
+        self._fallback_pending = False
+        try:
+            records = await self._fallback.oldest(_HAND_ON_PER_BEAT)
+            for record in records:
+                await self._write(record)  # SET NX: one already there is not counted again
+            await self._fallback.drop([r.request_id for r in records])
+        except BaseException:
+            self._fallback_pending = True  # nothing dropped: the next beat tries again
+            raise
+        if len(records) >= _HAND_ON_PER_BEAT:
+            self._fallback_pending = True  # more than a page
         if records:
             log.info("%d usage records written while Redis was away handed on to it",
                      len(records))  # fmt: skip

@@ -340,3 +340,46 @@ async def test_open_entry_in_redis_carries_what_the_sweeper_needs(redis_url: str
         finally:
             await ledger.close()
         assert r.exists(f"{OWNERS_PREFIX}:alive:x") == 0  # a closed owner is dead at once
+
+
+async def test_a_record_falling_back_during_a_hand_on_is_handed_on_by_the_next_beat(
+    tmp_path: Path,
+) -> None:
+    """A record that falls back while a heartbeat hands a page on (Redis failed that one
+    write, e.g. a timeout) is handed on by a later heartbeat, not kept locally until the
+    next outage or restart: the pending mark the hand-on clears must not erase its own."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="c-local")
+    ledger = RedisLedger(
+        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="c",
+        cooldown_s=0.0,
+    )  # fmt: skip
+    early, late = final(entry(1), completion_tokens=2), final(entry(2), completion_tokens=5)
+    write, oldest = ledger._write, fallback.oldest
+
+    async def failing_late(record: UsageRecord) -> bool:
+        if record.request_id == late.request_id:
+            raise redis.exceptions.TimeoutError("one write lost")
+        return await write(record)
+
+    async def oldest_then_late_falls_back(limit: int) -> list[UsageRecord]:
+        page = await oldest(limit)
+        await ledger.record(late)  # concurrently, as a request ending beside the beat
+        return page
+
+    try:
+        await fallback.record(early)  # from an earlier outage
+        ledger._write = failing_late  # type: ignore[method-assign]
+        fallback.oldest = oldest_then_late_falls_back  # type: ignore[method-assign]
+        await ledger.beat()  # hands on `early`; `late` falls back meanwhile
+        ledger._write, fallback.oldest = write, oldest  # type: ignore[method-assign]
+        assert [r.request_id for r in await fallback.oldest(10)] == [late.request_id]
+
+        await ledger.beat()
+        assert await fallback.oldest(10) == []
+        (totals,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
+        assert (totals.requests, totals.completion_tokens) == (2, 7)
+    finally:
+        await ledger.close()
+        server.stop()

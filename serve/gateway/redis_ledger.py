@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Sequence
@@ -197,6 +198,8 @@ class RedisLedger:
             await self._fallback.forget(record.request_id)
 
     async def beat(self) -> None:
+        from redis.exceptions import RedisError
+
         ended = list(self._ended)
         for i in range(0, max(len(ended), 1), _FORGET_PER_CALL):
             chunk = ended[i : i + _FORGET_PER_CALL]
@@ -204,25 +207,38 @@ class RedisLedger:
                 self._beat(keys=owner_keys(self.owner), args=self._beat_args(None, chunk))
             )
             self._ended.difference_update(chunk)
-        await self._hand_on()
+        # The heartbeat has landed: a hand-on that fails or runs long is not a failed or
+        # late heartbeat (which would hold this owner's sweeps back, or let the other owners
+        # take it for dead and record its running requests as lost).
+        try:
+            await self._hand_on(time.monotonic() + self._timers.dead_after_s / 4)
+        except (RedisError, OSError, TimeoutError, sqlite3.Error) as err:
+            self._on_error("ledger")
+            log.warning("usage records of the local fallback not handed on to Redis yet (%s)",
+                        type(err).__name__)  # fmt: skip
 
-    async def _hand_on(self) -> int:
-        """Move a page of the fallback's records to Redis (Redis answered just now)."""
+    async def _hand_on(self, deadline: float) -> int:
+        """Move a page of the fallback's records to Redis (Redis answered just now), as many
+        as are written before `deadline` (monotonic)."""
         if self._fallback is None or not self._fallback_pending:
             return 0
         # Cleared before the read, not after: a record that falls back while this page is
         # handed on (`record` awaits beside the heartbeat) sets it again for the next beat.
         self._fallback_pending = False
+        records: list[UsageRecord] = []
         try:
-            records = await self._fallback.oldest(_HAND_ON_PER_BEAT)
-            for record in records:
+            page = await self._fallback.oldest(_HAND_ON_PER_BEAT)
+            for record in page:
+                if time.monotonic() >= deadline:
+                    break
                 await self._write(record)  # SET NX: one already there is not counted again
+                records.append(record)
             await self._fallback.drop([r.request_id for r in records])
         except BaseException:
             self._fallback_pending = True  # nothing dropped: the next beat tries again
             raise
-        if len(records) >= _HAND_ON_PER_BEAT:
-            self._fallback_pending = True  # more than a page
+        if len(page) >= _HAND_ON_PER_BEAT or len(records) < len(page):
+            self._fallback_pending = True  # more than a page, or out of time
         if records:
             log.info("%d usage records written while Redis was away handed on to it",
                      len(records))  # fmt: skip

@@ -383,3 +383,51 @@ async def test_a_record_falling_back_during_a_hand_on_is_handed_on_by_the_next_b
     finally:
         await ledger.close()
         server.stop()
+
+
+async def test_a_failing_or_slow_hand_on_is_not_a_failed_or_late_heartbeat(tmp_path: Path) -> None:
+    """The heartbeat has landed before the hand-on: a hand-on write that fails must not fail
+    the beat (Liveness would log a failed heartbeat and hold this owner's sweeps back), and a
+    slow one must stop within its share of dead_after_s (a late next heartbeat lets the other
+    owners take this one for dead and record its running requests as lost). What is left
+    stays local and a later beat hands it on."""
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="d-local")
+    errors: list[str] = []
+    timers = LivenessTimers(heartbeat_s=0.1, dead_after_s=0.4, sweep_s=0.1)
+    ledger = RedisLedger(
+        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="d",
+        on_error=errors.append, timers=timers, cooldown_s=0.0,
+    )  # fmt: skip
+    outage = [final(entry(i), completion_tokens=1) for i in range(10)]
+    write = ledger._write
+
+    async def broken(record: UsageRecord) -> bool:
+        raise redis.exceptions.ResponseError("the record script failed")
+
+    async def slow(record: UsageRecord) -> bool:
+        await asyncio.sleep(0.05)
+        return await write(record)
+
+    try:
+        for record in outage:
+            await fallback.record(record)
+        ledger._write = broken  # type: ignore[method-assign]
+        await ledger.beat()  # the heartbeat landed; the hand-on failed
+        assert errors == ["ledger"]
+        assert len(await fallback.oldest(100)) == 10
+
+        ledger._write = slow  # type: ignore[method-assign]
+        started = time.monotonic()
+        await ledger.beat()
+        assert time.monotonic() - started < 0.3  # 0.1 s of hand-on, not 0.5
+        assert 0 < len(await fallback.oldest(100)) < 10
+        ledger._write = write  # type: ignore[method-assign]
+        await ledger.beat()
+        assert await fallback.oldest(100) == []
+        (totals,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
+        assert (totals.requests, totals.completion_tokens) == (10, 10)
+    finally:
+        await ledger.close()
+        server.stop()

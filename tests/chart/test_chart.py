@@ -1536,3 +1536,17 @@ def test_dockerfiles_point_at_files_that_exist(name: str) -> None:
     paths = set(re.findall(r"\b(?:deploy|helm|tests|serve|loadtest)/[\w./-]*\w", text))
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert missing == []
+
+
+def test_metrics_absent_alert_without_the_charts_monitors_keeps_the_job_selector() -> None:
+    """With the PrometheusRule but neither the PodMonitor nor the ServiceMonitor (NOTES:
+    scrape the pods yourself, job "batchserve"), nothing promises a `namespace` label on the
+    replicas' series: a selector on it would page for good. The rule file's selector stays."""
+    values = merged(
+        ALL_ON,
+        {"monitoring": {"podMonitor": {"enabled": False}, "serviceMonitor": {"enabled": False}}},
+    )
+    (absent,) = [
+        r for r in _alert_rules(documents(values)) if r["alert"] == "BatchserveMetricsAbsent"
+    ]
+    assert absent["expr"] == 'absent(batchserve_admission_limit_requests{job="batchserve"})'

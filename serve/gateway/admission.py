@@ -217,5 +217,13 @@ class Gate:
             log.exception("usage record failed for request %s", ticket.request_id)
 
     def background(self, task: asyncio.Task[None]) -> None:
+        """Keep `task` alive until it is done, and log its failure: a caller cancelled
+        while awaiting it (shielded) no longer reads its outcome."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("background task %s failed", task.get_name(), exc_info=exc)

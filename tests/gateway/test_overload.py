@@ -448,3 +448,21 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+async def test_a_background_task_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """A settlement runs in a task of the gate's (`Gate.background`) that a cancelled caller
+    no longer awaits: its failure is logged, not left to asyncio's 'exception was never
+    retrieved' at garbage collection."""
+    queue = FairQueue(1, max_queued_per_tenant=1, max_wait_s=1.0)
+    gate = Gate(InMemoryRateLimiter(), queue, _NoLedger())
+
+    async def fails() -> None:
+        raise RuntimeError("ledger gone")
+
+    task = asyncio.get_running_loop().create_task(fails(), name="settle-req-1")
+    gate.background(task)
+    await asyncio.wait([task])
+    await asyncio.sleep(0)  # done callbacks run on the next loop turn
+    (logged,) = [r for r in caplog.records if "settle-req-1" in r.getMessage()]
+    assert logged.levelname == "ERROR" and logged.exc_info is not None

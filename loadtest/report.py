@@ -167,10 +167,12 @@ def compare(
 
 
 NOT_WORKLOAD = frozenset(
-    {"url", "account", "timeout", "tokenizer", "slo", "delivery_tolerance", "out", "no_progress"}
-)
+    {"url", "account", "timeout", "tokenizer", "slo", "delivery_tolerance", "out", "no_progress",
+     "workers"}
+)  # fmt: skip
 """Config keys that may differ between two runs of the same workload (the server under test,
-where results go, how the client reports); every other key shapes the load itself."""
+where results go, how the client reports, how many client processes send it); every other
+key shapes the load itself."""
 
 
 def workload_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

@@ -10,7 +10,7 @@ import json
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import closing
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,27 +243,45 @@ async def test_sqlite_sweep_at_startup_takes_no_lock_when_nothing_is_dead(tmp_pa
         await a.close()
 
 
+@dataclass
+class WithFallback:
+    """A real redis-server, and a RedisLedger on it with a local SQLite fallback."""
+
+    server: RedisProcess
+    fallback: SqliteLedger
+    ledger: RedisLedger
+    errors: list[str]
+
+
+@asynccontextmanager
+async def redis_with_fallback(
+    tmp_path: Path, owner: str, timers: LivenessTimers | None = None
+) -> AsyncIterator[WithFallback]:
+    server = RedisProcess(tmp_path / "redis")
+    server.start()
+    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner=f"{owner}-local")
+    errors: list[str] = []
+    ledger = RedisLedger(
+        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner=owner,
+        on_error=errors.append, timers=timers, cooldown_s=0.0,
+    )  # fmt: skip
+    try:
+        yield WithFallback(server, fallback, ledger, errors)
+    finally:
+        await ledger.close()
+        server.stop()
+
+
 async def test_redis_unreachable_open_goes_to_the_fallback(tmp_path: Path) -> None:
     """Redis down at admission: the open entry goes to the local fallback (the request
     runs on); Redis back at the end: the record goes to Redis and the local entry goes."""
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="a-local")
-    errors: list[str] = []
-    ledger = RedisLedger(
-        redis_client(server.url, 0.25),
-        timeout_s=0.25,
-        fallback=fallback,
-        on_error=errors.append,
-        owner="a",
-        cooldown_s=0.0,
-    )
 
     def local(table: str) -> int:
         with closing(sqlite3.connect(tmp_path / "fallback.sqlite3")) as db:
             return int(db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0])
 
-    try:
+    async with redis_with_fallback(tmp_path, "a") as it:
+        server, ledger, errors = it.server, it.ledger, it.errors
         server.stop()
         e1, e2 = entry(1), entry(2)
         started = time.monotonic()
@@ -283,9 +301,6 @@ async def test_redis_unreachable_open_goes_to_the_fallback(tmp_path: Path) -> No
         with closing(redis.Redis.from_url(server.url, decode_responses=True)) as r:
             stream = r.xrange(f"{KEY_PREFIX}:{{{ACCOUNT}}}:stream")
             assert sorted(rec[1]["request_id"] for rec in stream) == ["req-1", "req-2"]
-    finally:
-        await ledger.close()
-        server.stop()
 
 
 async def test_records_of_a_redis_outage_reach_redis_once_it_is_back(tmp_path: Path) -> None:
@@ -293,14 +308,8 @@ async def test_records_of_a_redis_outage_reach_redis_once_it_is_back(tmp_path: P
     reaches Redis again, so the usage route (which reads Redis) counts them, and a replica's
     local file does not keep them from it. One that had reached Redis after all (a reply
     lost to a timeout) is not counted twice."""
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="b-local")
-    ledger = RedisLedger(
-        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="b",
-        cooldown_s=0.0,
-    )  # fmt: skip
-    try:
+    async with redis_with_fallback(tmp_path, "b") as it:
+        server, fallback, ledger = it.server, it.fallback, it.ledger
         landed = final(entry(0), completion_tokens=7)
         await ledger.record(landed)
         await fallback.record(landed)  # also kept locally, as after a lost reply
@@ -320,9 +329,6 @@ async def test_records_of_a_redis_outage_reach_redis_once_it_is_back(tmp_path: P
         await ledger.beat()  # nothing left: nothing written twice
         (again,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
         assert again == totals
-    finally:
-        await ledger.close()
-        server.stop()
 
 
 async def test_open_entry_in_redis_carries_what_the_sweeper_needs(redis_url: str) -> None:
@@ -348,27 +354,21 @@ async def test_a_record_falling_back_during_a_hand_on_is_handed_on_by_the_next_b
     """A record that falls back while a heartbeat hands a page on (Redis failed that one
     write, e.g. a timeout) is handed on by a later heartbeat, not kept locally until the
     next outage or restart: the pending mark the hand-on clears must not erase its own."""
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="c-local")
-    ledger = RedisLedger(
-        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="c",
-        cooldown_s=0.0,
-    )  # fmt: skip
-    early, late = final(entry(1), completion_tokens=2), final(entry(2), completion_tokens=5)
-    write, oldest = ledger._write, fallback.oldest
+    async with redis_with_fallback(tmp_path, "c") as it:
+        fallback, ledger = it.fallback, it.ledger
+        early, late = final(entry(1), completion_tokens=2), final(entry(2), completion_tokens=5)
+        write, oldest = ledger._write, fallback.oldest
 
-    async def failing_late(record: UsageRecord) -> bool:
-        if record.request_id == late.request_id:
-            raise redis.exceptions.TimeoutError("one write lost")
-        return await write(record)
+        async def failing_late(record: UsageRecord) -> bool:
+            if record.request_id == late.request_id:
+                raise redis.exceptions.TimeoutError("one write lost")
+            return await write(record)
 
-    async def oldest_then_late_falls_back(limit: int) -> list[UsageRecord]:
-        page = await oldest(limit)
-        await ledger.record(late)  # concurrently, as a request ending beside the beat
-        return page
+        async def oldest_then_late_falls_back(limit: int) -> list[UsageRecord]:
+            page = await oldest(limit)
+            await ledger.record(late)  # concurrently, as a request ending beside the beat
+            return page
 
-    try:
         await fallback.record(early)  # from an earlier outage
         ledger._write = failing_late  # type: ignore[method-assign]
         fallback.oldest = oldest_then_late_falls_back  # type: ignore[method-assign]
@@ -380,9 +380,6 @@ async def test_a_record_falling_back_during_a_hand_on_is_handed_on_by_the_next_b
         assert await fallback.oldest(10) == []
         (totals,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
         assert (totals.requests, totals.completion_tokens) == (2, 7)
-    finally:
-        await ledger.close()
-        server.stop()
 
 
 async def test_a_failing_or_slow_hand_on_is_not_a_failed_or_late_heartbeat(tmp_path: Path) -> None:
@@ -391,26 +388,19 @@ async def test_a_failing_or_slow_hand_on_is_not_a_failed_or_late_heartbeat(tmp_p
     slow one must stop within its share of dead_after_s (a late next heartbeat lets the other
     owners take this one for dead and record its running requests as lost). What is left
     stays local and a later beat hands it on."""
-    server = RedisProcess(tmp_path / "redis")
-    server.start()
-    fallback = SqliteLedger(tmp_path / "fallback.sqlite3", owner="d-local")
-    errors: list[str] = []
     timers = LivenessTimers(heartbeat_s=0.1, dead_after_s=0.4, sweep_s=0.1)
-    ledger = RedisLedger(
-        redis_client(server.url, 0.25), timeout_s=0.25, fallback=fallback, owner="d",
-        on_error=errors.append, timers=timers, cooldown_s=0.0,
-    )  # fmt: skip
-    outage = [final(entry(i), completion_tokens=1) for i in range(10)]
-    write = ledger._write
+    async with redis_with_fallback(tmp_path, "d", timers) as it:
+        fallback, ledger, errors = it.fallback, it.ledger, it.errors
+        outage = [final(entry(i), completion_tokens=1) for i in range(10)]
+        write = ledger._write
 
-    async def broken(record: UsageRecord) -> bool:
-        raise redis.exceptions.ResponseError("the record script failed")
+        async def broken(record: UsageRecord) -> bool:
+            raise redis.exceptions.ResponseError("the record script failed")
 
-    async def slow(record: UsageRecord) -> bool:
-        await asyncio.sleep(0.05)
-        return await write(record)
+        async def slow(record: UsageRecord) -> bool:
+            await asyncio.sleep(0.05)
+            return await write(record)
 
-    try:
         for record in outage:
             await fallback.record(record)
         ledger._write = broken  # type: ignore[method-assign]
@@ -428,6 +418,3 @@ async def test_a_failing_or_slow_hand_on_is_not_a_failed_or_late_heartbeat(tmp_p
         assert await fallback.oldest(100) == []
         (totals,) = await ledger.totals(ACCOUNT, 0, time.time() + 60)
         assert (totals.requests, totals.completion_tokens) == (10, 10)
-    finally:
-        await ledger.close()
-        server.stop()

@@ -23,7 +23,8 @@ from serve.gateway.auth import Authenticator
 from serve.gateway.completion import Budget, CompletionService
 from serve.gateway.context import GatewayContext
 from serve.gateway.fair_queue import FairQueue
-from serve.gateway.header_deadline import install as install_header_deadline
+from serve.gateway.last_words import LastWords
+from serve.gateway.last_words import install as install_last_words
 from serve.gateway.ledger import UsageLedger
 from serve.gateway.ledger_liveness import LivenessTimers
 from serve.gateway.observer import Observability
@@ -189,8 +190,13 @@ def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
     )
     log_to_stderr(logging.getLogger(ACCESS_LOGGER))  # one JSON line per request
     # Serve starts the replica's own HTTP server after this constructor: give it a
-    # deadline for request headers, which uvicorn lacks (slowloris without HAProxy).
-    install_header_deadline(settings.http_request_timeout_s)
+    # deadline for request headers, which uvicorn lacks (slowloris without HAProxy), and
+    # a keeper that answers its clients should this process die (started after the
+    # engine's processes were forked, which would inherit its socket).
+    keeper = LastWords()
+    if settings.replica_last_words:
+        keeper.start()
+    install_last_words(keeper, settings.http_request_timeout_s)
     # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry
     # of this process; the replica's /metrics serves them beside the gateway's.
     app = build_gateway(

@@ -107,12 +107,7 @@ def ingress_errors(http_request_timeout_s: int) -> list[IngressError]:
         ),
         IngressError(500, EngineFailure, f"AiError: Internal error in the ingress{retry}"),
         IngressError(501, BadInput, "AiError: Bad input: this Transfer-Encoding is not supported"),
-        IngressError(
-            502,
-            EngineFailure,
-            f"AiError: The replica serving this request went away{retry}",
-            retry_after_s=1.0,
-        ),
+        replica_gone(),
         IngressError(
             503,
             EngineUnavailable,
@@ -123,6 +118,17 @@ def ingress_errors(http_request_timeout_s: int) -> list[IngressError]:
             504, RequestTimeout, f"AiError: Request timeout: the replica did not answer{retry}"
         ),
     ]
+
+
+def replica_gone() -> IngressError:
+    """502/3008: the replica died under the request (HAProxy's page, and what a dead
+    replica's keeper answers, serve.gateway.last_words)."""
+    return IngressError(
+        502,
+        EngineFailure,
+        "AiError: The replica serving this request went away, please retry",
+        retry_after_s=1.0,
+    )
 
 
 # The 429 page of a request over its tenant's share of the ingress (serve/ingress.py): a

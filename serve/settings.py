@@ -163,6 +163,10 @@ class Settings(BaseSettings):
     # and the images apply; serve/ingress.py) and on each replica's own port, with
     # 408/3007 (serve/gateway/header_deadline.py).
     http_request_timeout_s: int = Field(default=10, ge=1)
+    # A replica whose process dies still answers its clients: a keeper process writes the
+    # error event and [DONE] on its streams, 502/3008 where nothing was sent yet
+    # (serve/gateway/last_words.py).
+    replica_last_words: bool = True
     # KV cache for vLLM's CPU backend, GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1)
     # Ray Serve health check cadence for replicas.

@@ -16,10 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def start_gateway(
-    work: Path, tenants: Path, port: int, env: Mapping[str, str] | None = None
+    work: Path,
+    tenants: Path,
+    port: int,
+    env: Mapping[str, str] | None = None,
+    *,
+    last_words: bool = False,
 ) -> subprocess.Popen[bytes]:
     """Start it on `port` with its cache in `work/cache`; return once /healthz answers.
-    `env` adds TENANCY_APP_* settings (see tests/tenancy_app.py)."""
+    `env` adds TENANCY_APP_* settings (see tests/tenancy_app.py); with `last_words` it is
+    served as a replica serves it, with a keeper (tests/last_words_server.py)."""
     full_env = {
         **os.environ,
         "TENANCY_APP_DIR": str(work / "cache"),
@@ -27,11 +33,15 @@ def start_gateway(
         **(env or {}),
     }
     with (work / f"gateway-{port}.log").open("ab") as log:
+        if last_words:
+            command = [sys.executable, "-m", "tests.last_words_server", str(port)]
+        else:
+            command = [sys.executable, "-m", "uvicorn", "tests.tenancy_app:create_app",
+                       "--factory", "--host", "127.0.0.1", "--port", str(port),
+                       "--log-level", "warning"]  # fmt: skip
         proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.tenancy_app:create_app", "--factory",
-             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-            env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-        )  # fmt: skip
+            command, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO
+        )
     deadline = time.monotonic() + 30
     while True:
         try:

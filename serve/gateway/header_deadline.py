@@ -87,10 +87,12 @@ class HeaderDeadlineProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-def install(header_timeout_s: float) -> None:
-    """Make `HeaderDeadlineProtocol` with this timeout the HTTP protocol of the uvicorn
-    servers this process starts from now on (`http="auto"` or `"httptools"`)."""
+def install(
+    header_timeout_s: float, protocol: type[HeaderDeadlineProtocol] = HeaderDeadlineProtocol
+) -> None:
+    """Make `protocol` (this class or a subclass) with this timeout the HTTP protocol of
+    the uvicorn servers this process starts from now on (`http="auto"` or `"httptools"`)."""
     HeaderDeadlineProtocol.header_timeout_s = header_timeout_s
-    path = f"{__name__}:{HeaderDeadlineProtocol.__name__}"
+    path = f"{protocol.__module__}:{protocol.__qualname__}"
     for name in ("auto", "httptools"):
         uvicorn_config.HTTP_PROTOCOLS[name] = path

@@ -15,7 +15,10 @@ Serve's own request handling, outside its `RequestIdMiddleware`, on the server's
   `serve.gateway.stream_guard`), which the app cannot see behind Serve's queue. On a
   replica Serve reads `receive` for the whole request, so the guard works there; the
   proxy actor (HAProxy's backup while no replica is up) does not act on it while its own
-  write is blocked, so there only HAProxy's `timeout client` ends such a client.
+  write is blocked, so there only HAProxy's `timeout client` ends such a client;
+- `LastWordsMarks` tells a replica's keeper where each connection's answer stands, so that
+  the keeper can end it properly should the replica's process die
+  (`serve.gateway.last_words`; a no-op where no keeper runs, as in the proxy actor).
 
 A callback takes no arguments: its one setting, `stream_stall_s`, comes from the
 process's environment (`ServeHttpSettings`), and an unusable value falls back to the
@@ -31,6 +34,7 @@ from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from serve.gateway.last_words import LastWordsMarks
 from serve.gateway.request_id import ServeRequestIdGuard
 from serve.gateway.stream_guard import StalledClientGuard
 from serve.settings import STREAM_STALL_S, ServeHttpSettings
@@ -75,4 +79,5 @@ def serve_http_middlewares() -> list[Middleware]:
         Middleware(ServeControlHeaders),
         Middleware(ServeRequestIdGuard),
         Middleware(StalledClientGuard, stall_s=stall_limit_s()),
+        Middleware(LastWordsMarks),  # outermost: it must see the server's own writes
     ]

@@ -1,0 +1,176 @@
+"""The keeper of a replica's last words on its own (serve/gateway/last_words_keeper.py):
+real sockets, a real parent process killed. What each connection gets depends on the
+state byte its server left: a full 502 envelope, the stream's error event and its end,
+or a plain close; and a normal stop writes nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import mmap
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+from serve.gateway.last_words import LastWords, answers
+from serve.gateway.last_words_keeper import (
+    DEADLINE_S,
+    END_OF_CHUNKS,
+    State,
+    chunk,
+    pack_payloads,
+    run,
+)
+
+
+class Run:
+    """`run` in a thread, watching a `sleep` process as its parent."""
+
+    def __init__(self) -> None:
+        self.parent = subprocess.Popen(["sleep", "60"])
+        self.states = mmap.mmap(-1, 16)
+        self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.outcome: list[str] = []
+        self.thread = threading.Thread(
+            target=lambda: self.outcome.append(run(self.parent.pid, theirs, self.states))
+        )
+        self.thread.start()
+        self.control.sendall(pack_payloads(*answers()))
+        self.peers: dict[int, socket.socket] = {}
+
+    def connection(self, slot: int, state: State) -> socket.socket:
+        """A connection the keeper holds in `slot`; returns the client's end."""
+        server, client = socket.socketpair()
+        socket.send_fds(self.control, [b"R" + slot.to_bytes(4, "big")], [server.fileno()])
+        server.close()  # the dead server's copy: only the keeper's remains
+        self.states[slot] = state
+        client.settimeout(5)
+        self.peers[slot] = client
+        return client
+
+    def finish(self) -> str:
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        return self.outcome[0]
+
+    def close(self) -> None:
+        self.parent.kill()
+        self.parent.wait()
+        self.control.close()
+        self.thread.join(10)
+        for peer in self.peers.values():
+            peer.close()
+
+
+@pytest.fixture
+def keeper_run() -> Iterator[Run]:
+    r = Run()
+    try:
+        yield r
+    finally:
+        r.close()
+
+
+def read_all(conn: socket.socket) -> bytes:
+    data = b""
+    while more := conn.recv(65536):
+        data += more
+    return data
+
+
+def test_each_connection_gets_what_its_state_allows(keeper_run: Run) -> None:
+    fresh, workers_ai, openai = answers()
+    expected = {
+        State.IDLE: b"",
+        State.FRESH: fresh,
+        State.EVENTS_WORKERS_AI: chunk(workers_ai) + END_OF_CHUNKS,
+        State.EVENTS_OPENAI: chunk(openai) + END_OF_CHUNKS,
+        State.BUSY: b"",
+    }
+    clients = {state: keeper_run.connection(int(state), state) for state in expected}
+    clients[State.IDLE].sendall(b"GET / HTTP/1.1\r\n")  # unread bytes: still a clean end
+    keeper_run.parent.kill()
+    assert keeper_run.finish().endswith("answered 3 of its 5 open connections")
+    for state, client in clients.items():
+        assert read_all(client) == expected[state], state
+    assert fresh.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
+    assert b'"code":3008' in fresh and b"Retry-After: 1\r\n" in fresh
+    assert b'"errors":[{"code":3008' in workers_ai and workers_ai.endswith(b"data: [DONE]\n\n")
+    assert b'{"error":{' in openai and openai.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_released_slot_is_not_answered(keeper_run: Run) -> None:
+    kept = keeper_run.connection(1, State.FRESH)
+    released = keeper_run.connection(2, State.FRESH)
+    keeper_run.control.send(b"U" + (2).to_bytes(4, "big"))
+    assert released.recv(1) == b""  # the keeper let go of it at once
+    keeper_run.parent.kill()
+    assert keeper_run.finish().endswith("answered 1 of its 1 open connections")
+    assert read_all(kept).startswith(b"HTTP/1.1 502")
+
+
+def test_a_normal_stop_writes_nothing(keeper_run: Run) -> None:
+    client = keeper_run.connection(1, State.EVENTS_OPENAI)
+    keeper_run.control.close()  # the parent lives on and closes its end
+    assert keeper_run.finish() == "stopped"
+    assert read_all(client) == b""
+
+
+def test_a_client_that_stopped_reading_is_closed_without_waiting(keeper_run: Run) -> None:
+    server, client = socket.socketpair()
+    server.setblocking(False)
+    filler = 0
+    with contextlib.suppress(BlockingIOError):
+        while True:  # the client reads nothing: fill everything between them
+            filler += server.send(b"x" * 65536)
+    socket.send_fds(keeper_run.control, [b"R" + (1).to_bytes(4, "big")], [server.fileno()])
+    server.close()
+    keeper_run.states[1] = State.FRESH
+    keeper_run.peers[1] = client
+    started = time.monotonic()
+    keeper_run.parent.kill()
+    assert keeper_run.finish().endswith("answered 0 of its 1 open connections")
+    assert time.monotonic() - started < DEADLINE_S + 1
+    client.settimeout(5)
+    assert read_all(client) == b"x" * filler  # then the end: no answer squeezed in
+
+
+class _Transport:
+    """What `LastWords.register` reads of a transport."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str) -> object:
+        return self.sock if name == "socket" else None
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def test_a_keeper_not_started_or_full_takes_no_connection(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    server, client = socket.socketpair()
+    transport = cast(asyncio.Transport, _Transport(server))
+    try:
+        assert LastWords().register(transport) is None  # replica_last_words: false
+        keeper = LastWords(slots=1)
+        keeper.start()
+        try:
+            taken = keeper.register(transport)
+            assert taken is not None and keeper.register(transport) is None
+            assert "all 1 slots taken" in caplog.text
+            keeper.release(taken)
+            assert client.recv(1) == b""  # released: the connection's end reached the peer
+            assert keeper.register(transport) is not None  # the slot is free again
+        finally:
+            keeper.close()
+    finally:
+        server.close()
+        client.close()

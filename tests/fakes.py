@@ -25,6 +25,8 @@ class FakeEngine:
     # The reply when structured (JSON) output is requested.
     json_reply: str = '{"answer": "fake"}'
     context_window: int = 4096
+    # Tokens are characters: every Unicode code point is an id.
+    vocab_size: int = 0x110000
     delay_s: float = 0.0
     fail_after: int | None = None
     # After this many deltas the engine stops producing (a stopped EngineCore).
@@ -40,7 +42,9 @@ class FakeEngine:
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo(weights="fake", context_window=self.context_window)
+        return EngineInfo(
+            weights="fake", context_window=self.context_window, vocab_size=self.vocab_size
+        )
 
     async def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
         text = "".join(f"<{m.role}>{m.content}" for m in messages) + "<assistant>"

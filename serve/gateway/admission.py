@@ -65,7 +65,8 @@ class Ticket:
     pending: int
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
-    prompt_tokens: int = 0
+    # Prompt tokens by prompt index (a batch of prompts): each prompt counts once.
+    prompts: dict[int, int] = field(default_factory=dict)
     completion_tokens: int = 0
     first_token_at: float | None = None
     status: str = "ok"
@@ -75,6 +76,7 @@ class Ticket:
     async def finish(
         self,
         *,
+        prompt_index: int = 0,
         prompt_tokens: int,
         completion_tokens: int,
         status: str,
@@ -82,7 +84,7 @@ class Ticket:
         first_token_at: float | None,
     ) -> None:
         """One completion ended; the last one settles, frees and records."""
-        self.prompt_tokens = prompt_tokens  # the prompt counts once for all choices
+        self.prompts[prompt_index] = prompt_tokens  # once for all of its choices
         self.completion_tokens += completion_tokens
         if _STATUS_RANK.get(status, 2) > _STATUS_RANK.get(self.status, 2):
             self.status = status
@@ -96,6 +98,10 @@ class Ticket:
             return
         self.done = True
         await self.gate.close(self)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(self.prompts.values())
 
     def record(self) -> UsageRecord:
         ended = time.time()

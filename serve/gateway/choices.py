@@ -1,4 +1,5 @@
-"""Several independent completions of one prompt (OpenAI's `n`), run concurrently."""
+"""Several independent completions (OpenAI's `n`, of one prompt or of each prompt of a
+batch), run concurrently."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 
 from serve.gateway.admission import Caller
-from serve.gateway.completion import Completion, CompletionService, PreparedRequest, Usage
+from serve.gateway.completion import (
+    Completion,
+    CompletionService,
+    PreparedRequest,
+    Usage,
+    prompt_tokens_of,
+)
 
 _SEED_SPAN = 2**64
 _SEED_MIN = -(2**63)
@@ -51,11 +58,16 @@ class Choices:
 
     @property
     def usage(self) -> Usage:
-        """The prompt is counted once, the completions of all choices add up."""
+        """Each prompt is counted once (its cached tokens: the most any of its choices
+        found), the completions of all choices add up."""
+        cached: dict[int, int] = {}
+        for c in self.completions:
+            index = c.prepared.prompt_index
+            cached[index] = max(cached.get(index, 0), c.cached_tokens)
         return Usage(
-            self.completions[0].usage.prompt_tokens,
+            prompt_tokens_of([c.prepared for c in self.completions]),
             sum(c.completion_tokens for c in self.completions),
-            max(c.cached_tokens for c in self.completions),
+            sum(cached.values()),
         )
 
     async def collect(self) -> list[str]:

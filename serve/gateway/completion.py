@@ -77,6 +77,15 @@ class PreparedRequest:
     clamped: bool
     # The HTTP request this generation belongs to (metrics labels, access log).
     record: RequestRecord
+    # Which prompt of the request (a batch of prompts on /v1/completions) this completes:
+    # the choices of one prompt count its tokens once.
+    prompt_index: int = 0
+
+
+def prompt_tokens_of(prepared: Sequence[PreparedRequest]) -> int:
+    """The prompt tokens of one request's generations: each prompt counted once."""
+    sizes = {p.prompt_index: len(p.request.prompt_token_ids) for p in prepared}
+    return sum(sizes.values())
 
 
 def plan_sampling(
@@ -220,6 +229,7 @@ class Completion:
         tenant's stream lease stayed counted and no usage record was written."""
         settling = asyncio.get_running_loop().create_task(
             ticket.finish(
+                prompt_index=self.prepared.prompt_index,
                 prompt_tokens=self.usage.prompt_tokens,
                 completion_tokens=self.completion_tokens,
                 status="ok" if finished else ("error" if self.failed else "aborted"),
@@ -250,14 +260,15 @@ class Completion:
         request = self.prepared.request
         record.stream = self.prepared.stream
         record.clamped = record.clamped or self.prepared.clamped
-        record.prompt_tokens = len(request.prompt_token_ids)
+        prompt_tokens = len(request.prompt_token_ids)
+        if record.count_prompt(self.prepared.prompt_index, prompt_tokens):
+            metrics.prompt_tokens.labels(metrics.model, record.plan, record.dialect).inc(
+                prompt_tokens
+            )
         if record.output is not None:  # the log_prompts debug setting is on
             record.prompt_token_ids = request.prompt_token_ids
         if record.submitted_at is None:
             record.submitted_at = now
-            metrics.prompt_tokens.labels(metrics.model, record.plan, record.dialect).inc(
-                record.prompt_tokens
-            )
             metrics.queue_wait.labels(metrics.model, record.dialect).observe(
                 now - record.arrived_at
             )
@@ -361,6 +372,7 @@ class CompletionService:
         stream: bool,
         cache_salt: str | None,
         record: RequestRecord | None = None,
+        prompt_index: int = 0,
     ) -> PreparedRequest:
         options, clamped = plan_sampling(
             asked, prompt_tokens=len(prompt_token_ids), stream=stream, budget=self.budget
@@ -375,7 +387,13 @@ class CompletionService:
         )
         # No record given (a caller outside a route, e.g. a test): a detached one.
         record = RequestRecord(dialect="workers_ai") if record is None else record
-        return PreparedRequest(request=request, stream=stream, clamped=clamped, record=record)
+        return PreparedRequest(
+            request=request,
+            stream=stream,
+            clamped=clamped,
+            record=record,
+            prompt_index=prompt_index,
+        )
 
     async def start(
         self,
@@ -399,8 +417,10 @@ class CompletionService:
         headers_out: dict[str, str] | None = None,
         wait: bool = True,
     ) -> list[Completion]:
-        """Admit all of one request's choices or none: the caller's plan limits, then a
-        fair share of this replica's slots (waiting in the caller's queue if need be)."""
+        """Admit all of one request's choices (of all its prompts) or none: the caller's
+        plan limits, then a fair share of this replica's slots (waiting in the caller's
+        queue if need be). The reservation counts every prompt once and every choice's
+        max_tokens."""
         ticket: Ticket | None = None
         if self.gate is None or caller is None:
             if self.inflight + len(prepared) > self.max_inflight:
@@ -410,7 +430,7 @@ class CompletionService:
             ticket = await self.gate.admit(
                 caller,
                 request_id or first.request_id,
-                prompt_tokens=len(first.prompt_token_ids),
+                prompt_tokens=prompt_tokens_of(prepared),
                 max_tokens=first.sampling.max_tokens,
                 choices=len(prepared),
                 headers_out={} if headers_out is None else headers_out,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from typing import Final
 
@@ -34,7 +34,9 @@ from serve.gateway.tenants import Tenant
 from serve.protocol.openai import (
     ChatCompletionRequest,
     CompletionRequest,
+    Prompt,
     ResponseMeta,
+    check_token_ids,
     chunk_object,
     completion_object,
     finish_reason,
@@ -45,9 +47,16 @@ from serve.protocol.openai import (
 from serve.protocol.workers_ai import parse_json_body
 
 MAX_N: Final = 8
-"""The most choices (`n`) one request may ask for; each choice is one engine request
-and takes one of the replica's admission slots, so a replica with fewer slots allows
-fewer (`CompletionService.max_choices`). More is a 400 naming `n`."""
+"""The most choices (`n`) of one prompt a request may ask for; more is a 400 naming `n`.
+
+Every choice of every prompt (prompts x n on /v1/completions, which takes a batch of
+prompts) is one engine request holding one of the replica's admission slots, and all of
+them are admitted together. So prompts x n is also bounded by the replica's slots
+(`CompletionService.max_choices`) and by the plan's `max_concurrent_streams`: beyond
+either the request could never be admitted, and a 429 would have its client retry for
+ever. Over it is a 400 naming `n` (one prompt) or `prompt` (a batch). A batch is not
+held to MAX_N: it is what its client would otherwise send as as many requests at once,
+which the same slots and plan limit."""
 
 CAP_HEADER: Final = "x-batchserve-max-tokens-cap"
 _PREFIXES: Final = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
@@ -84,27 +93,45 @@ async def sse_stream(
     yield sse.DONE
 
 
+def refuse_unadmissible(n: int, prompts: int, *, slots: int, tenant: Tenant) -> None:
+    """A 400 for more choices than could ever be admitted at once (`MAX_N`)."""
+    if n > MAX_N:
+        raise BadInput(f"n must be <= {MAX_N}", param="n")
+    streams = tenant.plan.max_concurrent_streams
+    most = slots if streams is None else min(slots, streams)
+    if prompts * n <= most:
+        return
+    if prompts == 1:
+        raise BadInput(f"n must be <= {most}", param="n")
+    raise BadInput(
+        f"prompt: {prompts} prompts with n={n} ask for {prompts * n} completions; "
+        f"at most {most} per request",
+        param="prompt",
+    )
+
+
 def openai_router(ctx: GatewayContext) -> APIRouter:
     router = APIRouter()
 
     async def respond(
-        request: Request, tenant: Tenant, body: OpenAIRequest, prompt_ids: list[int]
+        request: Request, tenant: Tenant, body: OpenAIRequest, prompt_ids: Sequence[list[int]]
     ) -> Response:
-        most = min(MAX_N, ctx.completions.max_choices)
-        if body.n > most:
-            raise BadInput(f"n must be <= {most}", param="n")
+        """Choice i of prompt p is choice p*n + i of the response (OpenAI's order)."""
         request_id = mark_reached_inference(request.scope)
         tenant_salt = ctx.cache_salt(tenant)
         asked = body.sampling()
+        total = len(prompt_ids) * body.n
         prepared = [
             ctx.completions.prepare(
-                request_id=choice_request_id(request_id, i, body.n),
-                prompt_token_ids=prompt_ids,
+                request_id=choice_request_id(request_id, p * body.n + i, total),
+                prompt_token_ids=ids,
                 asked=replace(asked, seed=choice_seed(body.seed, i)),
                 stream=body.stream,
                 cache_salt=tenant_salt,
                 record=record_of(request.scope),
+                prompt_index=p,
             )
+            for p, ids in enumerate(prompt_ids)
             for i in range(body.n)
         ]
         choices = await Choices.start(
@@ -142,6 +169,22 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
             headers=headers,
         )
 
+    def check_choices(tenant: Tenant, body: OpenAIRequest, prompts: int) -> None:
+        slots = ctx.completions.max_choices
+        refuse_unadmissible(body.n, prompts, slots=slots, tenant=tenant)
+
+    async def encode_prompts(prompts: Sequence[Prompt]) -> list[list[int]]:
+        """Text is tokenized verbatim; token ids go to the engine as they are."""
+        vocab_size = ctx.engine.info.vocab_size
+        out = []
+        for prompt in prompts:
+            if isinstance(prompt, str):
+                out.append(await ctx.engine.encode_raw(prompt))
+            else:
+                check_token_ids(prompt, vocab_size)
+                out.append(prompt)
+        return out
+
     def authenticate(request: Request) -> Tenant:
         # The bare /v1 routes have no account in the path: any account of the token.
         tenant = ctx.authenticate(request, request.path_params.get("account_id"))
@@ -153,8 +196,9 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
         body = parse_chat_request(ctx.refuse_too_many_messages(parse_json_body(raw)))
         ctx.require_model(body.model)
+        check_choices(tenant, body, 1)
         return await respond(
-            request, tenant, body, await ctx.engine.encode_chat(body.chat_messages())
+            request, tenant, body, [await ctx.engine.encode_chat(body.chat_messages())]
         )
 
     async def completions(request: Request) -> Response:
@@ -162,7 +206,9 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
         raw = await read_body(request, ctx.max_body_bytes, ctx.body_timeout_s)
         body = parse_completion_request(parse_json_body(raw))
         ctx.require_model(body.model)
-        return await respond(request, tenant, body, await ctx.engine.encode_raw(body.prompt_text))
+        prompts = body.prompts
+        check_choices(tenant, body, len(prompts))
+        return await respond(request, tenant, body, await encode_prompts(prompts))
 
     chat_doc = openapi_doc.openai_chat_completions(ctx.model_name)
     completions_doc = openapi_doc.openai_completions(ctx.model_name)

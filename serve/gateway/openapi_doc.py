@@ -399,7 +399,11 @@ def openai_completions(model_name: str) -> dict[str, Any]:
 
 def _openai_generation(request: type[BaseModel], model_name: str, *, chat: bool) -> dict[str, Any]:
     schema, _ = _openai_request(request)
-    what = "A chat completion request." if chat else "A completion request."
+    what = (
+        "A chat completion request."
+        if chat
+        else "A completion request: one prompt or a batch, as text or token ids."
+    )
     return {
         "openapi_extra": _json_body(_with_model(schema, model_name), what),
         "responses": _responses(

@@ -30,6 +30,8 @@ class RequestRecord:
     stream: bool = False
     clamped: bool = False
     prompt_tokens: int = 0
+    # The prompts counted in prompt_tokens (their index in a batch of prompts).
+    counted_prompts: set[int] = field(default_factory=set)
     completion_tokens: int = 0
     submitted_at: float | None = None
     first_token_at: float | None = None
@@ -44,6 +46,15 @@ class RequestRecord:
     @property
     def plan(self) -> str:
         return "none" if self.tenant is None else self.tenant.plan.name
+
+    def count_prompt(self, index: int, tokens: int) -> bool:
+        """Add the tokens of prompt `index` once (the first of its choices to start);
+        True when they were added."""
+        if index in self.counted_prompts:
+            return False
+        self.counted_prompts.add(index)
+        self.prompt_tokens += tokens
+        return True
 
     def fail(self, exc: BaseException) -> None:
         if self.failure is None:

@@ -5,8 +5,12 @@ numbers); unknown keys are ignored. Every failure is a `BadInput` whose `param`
 names the offending field the way OpenAI does (`messages[0].content`).
 
 Decided limits of this dialect:
-- `prompt` (completions) is one string, or a list holding exactly one string;
-  batches and token-id prompts are refused with a 400.
+- `prompt` (completions) takes OpenAI's four forms: a string, a list of strings (a
+  batch), a list of token ids, or a list of token-id lists (a batch). A batch of k
+  prompts with `n` choices each answers k*n choices, those of prompt p at indexes
+  p*n .. p*n+n-1 (OpenAI's and vLLM's order). Empty prompts, empty lists and lists
+  mixing strings with token ids are refused with a 400 naming `prompt`; token ids
+  are checked against the model's vocabulary by the route (`check_token_ids`).
 - `logprobs` / `top_logprobs` are refused with a 400 (not wired through the engine);
   `logprobs: false` / `null` and `top_logprobs: 0` are accepted.
 - `logit_bias` is refused with a 400 unless empty (not wired through the engine; a
@@ -25,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, cast
 
 from pydantic import (
     BaseModel,
@@ -228,27 +232,66 @@ class ChatCompletionRequest(_Common):
                 )
 
 
+Prompt = str | list[int]
+"""One prompt of a completion request: text, or token ids sent to the engine as they are."""
+
+_PROMPT_DOC: Final = (
+    "The prompt(s): a string, a list of strings (a batch), a list of token ids, or a "
+    "list of token-id lists (a batch). A batch of k prompts answers k*n choices; those "
+    "of prompt p have the indexes p*n to p*n+n-1. Token ids must be in [0, vocabulary "
+    "size). No prompt, and no list, may be empty."
+)
+
+
+_TEXT: Final = {"type": "string", "minLength": 1}
+_TOKEN_IDS: Final = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}
+# The four forms as documented (`/openapi.json`); validation is the model's and `check`'s.
+_PROMPT_SCHEMA: Final = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "minItems": 1, "items": _TEXT},
+        _TOKEN_IDS,
+        {"type": "array", "minItems": 1, "items": _TOKEN_IDS},
+    ],
+    "description": _PROMPT_DOC,
+}
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str]
+    prompt: Annotated[str | list[str] | list[int] | list[list[int]], WithJsonSchema(_PROMPT_SCHEMA)]
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     echo: bool | None = None
     suffix: str | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_kind_of_prompt(cls, value: object) -> object:
+        """A list is all strings, all token ids or all token-id lists; said so plainly
+        rather than as the first mismatch of the union."""
+        if isinstance(value, list) and len({_prompt_kind(item) for item in value}) > 1:
+            raise BadInput(
+                "prompt: a list of prompts must hold only strings, only token ids "
+                "(integers) or only lists of token ids, not a mix",
+                param="prompt",
+            )
+        return value
+
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[Prompt]:
+        """The prompts of this request, in order: one, or the batch."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        return list(cast(list[str] | list[list[int]], prompt))
 
     def check(self) -> None:
         self.check_common()
-        if isinstance(self.prompt, list) and len(self.prompt) != 1:
-            raise BadInput(
-                "prompt must be one string (or a list of one string); "
-                "batches of prompts are not supported, use n for several completions",
-                param="prompt",
-            )
-        if not self.prompt_text:
+        if not self.prompt:
             raise BadInput("prompt must not be empty", param="prompt")
+        for index, prompt in enumerate(self.prompts):
+            if not prompt:  # an empty member of a batch
+                raise BadInput(f"prompt[{index}] must not be empty", param="prompt")
         if self.logprobs is not None:
             raise BadInput("logprobs are not supported", param="logprobs")
         if self.echo:
@@ -257,6 +300,20 @@ class CompletionRequest(_Common):
             raise BadInput("suffix is not supported", param="suffix")
         if self.best_of is not None and self.best_of > 1:
             raise BadInput("best_of is not supported; use n", param="best_of")
+
+
+def _prompt_kind(item: object) -> type:
+    return int if isinstance(item, int) and not isinstance(item, bool) else type(item)
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> None:
+    """A 400 naming `prompt` for an id outside [0, vocab_size), as vLLM refuses it."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise BadInput(
+            f"prompt: token id {bad} is out of vocabulary (ids are 0 to {vocab_size - 1})",
+            param="prompt",
+        )
 
 
 def _text_of(content: str | list[ContentPart] | None, index: int) -> str:

@@ -64,6 +64,8 @@ class TokenDelta:
 class EngineInfo:
     weights: str
     context_window: int
+    # Token ids a prompt may hold: 0 to vocab_size - 1.
+    vocab_size: int
     extra: dict[str, str] = field(default_factory=dict)
 
 

@@ -118,6 +118,7 @@ class VllmEngine:
         self._info = EngineInfo(
             weights=spec.described_weights,
             context_window=window,
+            vocab_size=_vocab_size(self._tokenizer, self._llm.model_config),
             extra={"vllm": vllm_version()},
         )
 
@@ -218,6 +219,12 @@ class VllmEngine:
     def shutdown(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._llm.shutdown()
+
+
+def _vocab_size(tokenizer: Any, model_config: Any) -> int:
+    """Token ids a prompt may hold, as vLLM's own check counts them: the tokenizer's and
+    the model's vocabularies may differ (Qwen's embedding is padded), the larger wins."""
+    return max(int(tokenizer.max_token_id) + 1, int(model_config.get_vocab_size()))
 
 
 def _engine_args(spec: ModelSpec, otlp_traces_endpoint: str | None = None) -> Any:

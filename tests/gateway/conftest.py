@@ -4,7 +4,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
+from fastapi import FastAPI
 
 from serve.cluster import build_gateway
 from serve.gateway.tenants import hash_token
@@ -16,6 +18,8 @@ ACCOUNT = "acct-1"
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 RUN_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# The OpenAI dialect's two prefixes: any account of the token, and the account-scoped one.
+PREFIXES = ["/v1", f"/client/v4/accounts/{ACCOUNT}/ai/v1"]
 
 
 def gateway_settings(**overrides: object) -> Settings:
@@ -53,3 +57,21 @@ async def client(settings: Settings, engine: FakeEngine) -> AsyncIterator[httpx.
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
         yield c
+
+
+@pytest.fixture
+def app(settings: Settings, engine: FakeEngine) -> FastAPI:
+    return build_gateway(settings, engine)
+
+
+@pytest.fixture(params=PREFIXES, ids=["v1", "account"])
+async def sdk(request: pytest.FixtureRequest, app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
+    """The official `openai` SDK on the app, under each prefix."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        yield openai.AsyncOpenAI(
+            base_url=f"http://test{request.param}",
+            api_key=TOKEN,
+            http_client=http,  # type: ignore[arg-type]
+            max_retries=0,
+        )

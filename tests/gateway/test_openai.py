@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
 
 import httpx
 import openai
@@ -15,29 +14,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from serve.cluster import build_gateway
 from serve.settings import Settings
 from tests.fakes import FakeEngine
-from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, TOKEN
+from tests.gateway.conftest import ACCOUNT, AUTH, MODEL, PREFIXES, TOKEN
 
-PREFIXES = ["/v1", f"/client/v4/accounts/{ACCOUNT}/ai/v1"]
 CHAT = "/v1/chat/completions"
 HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-
-
-@pytest.fixture
-def app(settings: Settings, engine: FakeEngine) -> FastAPI:
-    return build_gateway(settings, engine)
-
-
-@pytest.fixture(params=PREFIXES, ids=["v1", "account"])
-async def sdk(request: pytest.FixtureRequest, app: FastAPI) -> AsyncIterator[openai.AsyncOpenAI]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
-        yield openai.AsyncOpenAI(
-            base_url=f"http://test{request.param}",
-            api_key=TOKEN,
-            http_client=http,  # type: ignore[arg-type]
-            max_retries=0,
-        )
 
 
 def sdk_with_key(app: FastAPI, key: str) -> tuple[openai.AsyncOpenAI, httpx.AsyncClient]:
@@ -522,8 +503,8 @@ async def test_unknown_keys_ignored(client: httpx.AsyncClient) -> None:
         (CHAT, {"response_format": {"type": "xml"}}, "response_format.type"),
         (CHAT, {"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
         (CHAT, {"model": 5}, "model"),
-        ("/v1/completions", {"prompt": ["a", "b"]}, "prompt"),
-        ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt"),
+        ("/v1/completions", {"prompt": ["a", 1]}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
         ("/v1/completions", {"prompt": "a", "logprobs": 1}, "logprobs"),
         ("/v1/completions", {"prompt": "a", "echo": True}, "echo"),

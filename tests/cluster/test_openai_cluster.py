@@ -82,3 +82,21 @@ def test_typed_errors(sdk: openai.OpenAI, cluster: Cluster) -> None:
         pytest.raises(openai.AuthenticationError),
     ):
         bad.models.list()
+
+
+def test_batches_of_text_and_token_id_prompts(sdk: openai.OpenAI) -> None:
+    """/v1/completions' batch and token-id forms on real vLLM: choices in OpenAI's order
+    (prompt p's at p*n ..), each prompt counted once, ids checked against the vocabulary."""
+    texts = ["Once upon a time", "The sea"]
+    alone = [sdk.completions.create(model=MODEL, prompt=t, max_tokens=2) for t in texts]
+    batch = sdk.completions.create(model=MODEL, prompt=texts, max_tokens=2, n=2)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.usage is not None
+    assert batch.usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone if a.usage)
+    assert 0 < batch.usage.completion_tokens <= 8
+    ids = sdk.completions.create(model=MODEL, prompt=[[5, 6, 7], [8, 9]], max_tokens=2)
+    assert [c.index for c in ids.choices] == [0, 1]
+    assert ids.usage is not None and ids.usage.prompt_tokens == 5
+    with pytest.raises(openai.BadRequestError) as caught:
+        sdk.completions.create(model=MODEL, prompt=[5, 10**6], max_tokens=2)
+    assert caught.value.param == "prompt" and "out of vocabulary" in caught.value.message

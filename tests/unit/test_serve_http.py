@@ -15,6 +15,7 @@ from ray.serve._private.http_util import (
 )
 from starlette.types import Receive, Scope, Send
 
+from serve.gateway.last_words import LastWordsMarks
 from serve.gateway.request_id import ServeRequestIdGuard
 from serve.gateway.serve_http import (
     STREAM_STALL_ENV,
@@ -59,7 +60,8 @@ def test_the_middlewares_in_serves_order() -> None:
     assert [m.cls for m in middlewares] == [
         ServeControlHeaders,
         ServeRequestIdGuard,
-        StalledClientGuard,  # outermost: on the server's own send
+        StalledClientGuard,  # its send blocks as the server's does
+        LastWordsMarks,  # outermost: on the server's own send
     ]
 
 

@@ -21,6 +21,19 @@ PROMETHEUS_DIR = Path(__file__).resolve().parent.parent / "deploy" / "prometheus
 RULE_FILES = sorted((PROMETHEUS_DIR / "rules").glob("*.yml"))
 
 
+def alert_rules() -> list[dict[str, Any]]:
+    """Every alerting rule of the rule files."""
+    found = [
+        rule
+        for path in RULE_FILES
+        for group in yaml.safe_load(path.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert found, "no alert rules found"
+    return found
+
+
 def tool(name: str) -> str:
     """A binary from the Debian `prometheus` package (.ci/run installs it)."""
     path = shutil.which(name)

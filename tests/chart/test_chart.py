@@ -1094,14 +1094,12 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
     files = sorted((ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))
     assert files, "deploy/prometheus/rules/*.yml is missing"
     expected = [g for f in files for g in yaml.safe_load(f.read_text())["groups"]]
-    # ...but for the release's namespace in the selector of BatchserveMetricsAbsent.
-    absent = [
-        r for g in expected for r in g["rules"] if r.get("alert") == "BatchserveMetricsAbsent"
-    ]
-    assert len(absent) == 1
-    absent[0]["expr"] = absent[0]["expr"].replace(
-        '{job="batchserve"}', f'{{job="batchserve", namespace="{NAMESPACE}"}}'
-    )
+    # ...but for the release's namespace in the selectors of the absent() alerts.
+    for alert, job in ABSENT_ALERTS.items():
+        (absent,) = [r for g in expected for r in g["rules"] if r.get("alert") == alert]
+        absent["expr"] = absent["expr"].replace(
+            f'{{job="{job}"}}', f'{{job="{job}", namespace="{NAMESPACE}"}}'
+        )
     (rule,) = [d for d in profiles["gpu"] if d["kind"] == "PrometheusRule"]
     assert rule["spec"]["groups"] == expected
     rendered = tmp_path / "rendered.rules.yml"
@@ -1112,6 +1110,10 @@ def test_prometheus_rule_holds_exactly_the_deploy_rule_files(
         [promtool, "check", "rules", str(rendered)], capture_output=True, text=True, check=False
     )
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+# The absent() alerts, each with the scrape job it watches; the chart adds the namespace.
+ABSENT_ALERTS = {"BatchserveMetricsAbsent": "batchserve", "BatchserveRayMetricsAbsent": "ray"}
 
 
 def _alert_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1160,8 +1162,12 @@ def _rule_names(values: dict[str, Any]) -> list[str]:
             {"monitoring": {"replicaMetricsPort": 0}},
             {"BatchserveReplicasNotScraped", "BatchserveMetricsAbsent"},
         ),
-        # Serve may scale to zero replicas: an idle service has no replica metrics.
-        ({"serve": {"autoscaling": {"minReplicas": 0}}}, {"BatchserveMetricsAbsent"}),
+        # Serve may scale to zero replicas: an idle service has no replica metrics, and no
+        # replica health series of Ray's until a replica started.
+        (
+            {"serve": {"autoscaling": {"minReplicas": 0}}},
+            {"BatchserveMetricsAbsent", "BatchserveRayMetricsAbsent"},
+        ),
         # Fixed replicas (at least one): autoscaling's minReplicas does not apply.
         ({"serve": {"autoscaling": {"enabled": False, "minReplicas": 0}}}, set()),
     ],
@@ -1172,28 +1178,35 @@ def test_alerts_that_would_fire_for_good_are_left_out(
     """The PrometheusRule leaves out the alerts these values make fire for good, and only
     them."""
     every = _rule_names(ALL_ON)
-    assert {"BatchserveReplicasNotScraped", "BatchserveMetricsAbsent"} <= set(every)
+    assert {"BatchserveReplicasNotScraped", *ABSENT_ALERTS} <= set(every)
     assert _rule_names(merged(ALL_ON, values)) == [r for r in every if r not in left_out]
 
 
-def test_metrics_absent_alert_watches_this_release_only(tmp_path: Path) -> None:
-    """The chart's BatchserveMetricsAbsent selects the release's namespace (the label the
-    PodMonitor/ServiceMonitor give every target): replicas of another release scraped by the
+@pytest.mark.parametrize(
+    ("alert", "series"),
+    [
+        ("BatchserveMetricsAbsent", "batchserve_admission_limit_requests"),
+        ("BatchserveRayMetricsAbsent", "ray_serve_deployment_replica_healthy"),
+    ],
+)
+def test_metrics_absent_alert_watches_this_release_only(
+    tmp_path: Path, alert: str, series: str
+) -> None:
+    """The chart's absent() alerts select the release's namespace (the label the
+    PodMonitor/ServiceMonitor give every target): pods of another release scraped by the
     same Prometheus do not hide that this one's are gone. promtool on the rendered rules."""
     (rule,) = [d for d in documents(ALL_ON) if d["kind"] == "PrometheusRule"]
     rules = tmp_path / "rendered.rules.yml"
     rules.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
-    series = "batchserve_admission_limit_requests"
-    other = f'{series}{{job="batchserve",namespace="staging",pod="w1",replica="s"}}'
-    ours = f'{series}{{job="batchserve",namespace="{NAMESPACE}",pod="w1",replica="a"}}'
-    (absent,) = [
-        r for r in _alert_rules(documents(ALL_ON)) if r["alert"] == "BatchserveMetricsAbsent"
-    ]
+    job = ABSENT_ALERTS[alert]
+    other = f'{series}{{job="{job}",namespace="staging",pod="w1",replica="s"}}'
+    ours = f'{series}{{job="{job}",namespace="{NAMESPACE}",pod="w1",replica="a"}}'
+    (absent,) = [r for r in _alert_rules(documents(ALL_ON)) if r["alert"] == alert]
 
     def case(values: dict[str, str], fires: bool) -> dict[str, Any]:
         expected = [
             {
-                "exp_labels": {"severity": "page", "job": "batchserve", "namespace": NAMESPACE},
+                "exp_labels": {**absent["labels"], "job": job, "namespace": NAMESPACE},
                 "exp_annotations": {
                     "summary": absent["annotations"]["summary"].replace(
                         "{{ with $labels.namespace }} in {{ . }}{{ end }}", f" in {NAMESPACE}"
@@ -1206,10 +1219,10 @@ def test_metrics_absent_alert_watches_this_release_only(tmp_path: Path) -> None:
             "interval": "1m",
             "input_series": [{"series": s, "values": v} for s, v in values.items()],
             "alert_rule_test": [
-                {"eval_time": "9m", "alertname": "BatchserveMetricsAbsent", "exp_alerts": []},
+                {"eval_time": "9m", "alertname": alert, "exp_alerts": []},
                 {
                     "eval_time": "10m",
-                    "alertname": "BatchserveMetricsAbsent",
+                    "alertname": alert,
                     "exp_alerts": expected if fires else [],
                 },
             ],
@@ -1540,13 +1553,17 @@ def test_dockerfiles_point_at_files_that_exist(name: str) -> None:
 
 def test_metrics_absent_alert_without_the_charts_monitors_keeps_the_job_selector() -> None:
     """With the PrometheusRule but neither the PodMonitor nor the ServiceMonitor (NOTES:
-    scrape the pods yourself, job "batchserve"), nothing promises a `namespace` label on the
-    replicas' series: a selector on it would page for good. The rule file's selector stays."""
+    scrape the pods yourself, jobs "batchserve" and "ray"), nothing promises a `namespace`
+    label on the series: a selector on it would fire for good. The rule files' selectors
+    stay."""
     values = merged(
         ALL_ON,
         {"monitoring": {"podMonitor": {"enabled": False}, "serviceMonitor": {"enabled": False}}},
     )
-    (absent,) = [
-        r for r in _alert_rules(documents(values)) if r["alert"] == "BatchserveMetricsAbsent"
-    ]
-    assert absent["expr"] == 'absent(batchserve_admission_limit_requests{job="batchserve"})'
+    exprs = {r["alert"]: r["expr"] for r in _alert_rules(documents(values))}
+    assert exprs["BatchserveMetricsAbsent"] == (
+        'absent(batchserve_admission_limit_requests{job="batchserve"})'
+    )
+    assert exprs["BatchserveRayMetricsAbsent"] == (
+        'absent(ray_serve_deployment_replica_healthy{job="ray"})'
+    )

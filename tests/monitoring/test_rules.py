@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.prometheus_server import PROMETHEUS_DIR, RULE_FILES, tool
+from tests.prometheus_server import PROMETHEUS_DIR, RULE_FILES, alert_rules, tool
 
 TESTS = sorted((PROMETHEUS_DIR / "tests").glob("*.yml"))
 
@@ -153,6 +153,7 @@ def test_absent_alert_watches_a_series_each_replica_serves_from_its_start(tmp_pa
                 match = ABSENT.match(" ".join(str(rule.get("expr", "")).split()))
                 if "alert" in rule and match:
                     watched[rule["alert"]] = (match[1], match[2])
+    assert watched.pop("BatchserveRayMetricsAbsent") == (RAY_ABSENT_SERIES, "ray")
     assert "BatchserveMetricsAbsent" in watched
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     replica_jobs = {
@@ -170,3 +171,26 @@ def test_absent_alert_watches_a_series_each_replica_serves_from_its_start(tmp_pa
         assert re.search(rf"^{re.escape(name)}\{{[^}}]*\}} ", exposition, re.MULTILINE), (
             f"{alert}: {name} is not on a fresh replica's /metrics"
         )
+
+
+RAY_ABSENT_SERIES = "ray_serve_deployment_replica_healthy"
+
+
+def test_ray_absent_alert_watches_the_series_the_ray_alerts_read() -> None:
+    """BatchserveRayMetricsAbsent watches job="ray" through a series the other Ray-based
+    alerts read (its absence is theirs going blind) and Ray's Serve controller declares
+    itself (Ray adds the `ray_` prefix), on the `ray` scrape job."""
+    from ray.serve._private import deployment_state
+
+    rules = alert_rules()
+    (absent,) = [r for r in rules if r["alert"] == "BatchserveRayMetricsAbsent"]
+    assert ABSENT.match(absent["expr"].strip()), absent["expr"]
+    assert absent["expr"].strip() == f'absent({RAY_ABSENT_SERIES}{{job="ray"}})'
+    assert absent["labels"]["severity"] == "ticket"
+    readers = {r["alert"] for r in rules if RAY_ABSENT_SERIES in r["expr"]} - {absent["alert"]}
+    assert {"BatchserveServeReplicaUnhealthy", "BatchserveReplicasNotScraped"} <= readers
+    source = Path(deployment_state.__file__).read_text()
+    assert f'"{RAY_ABSENT_SERIES.removeprefix("ray_")}"' in source
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    (job,) = [c for c in config["scrape_configs"] if c["job_name"] == "ray"]
+    assert [t for s in job["static_configs"] for t in s["targets"]] == ["127.0.0.1:8080"]

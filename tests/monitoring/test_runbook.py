@@ -5,12 +5,11 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.prometheus_server import RULE_FILES, tool
+from tests.prometheus_server import alert_rules, tool
 from tests.runbook import (
     RUNBOOK,
     anchors,
@@ -18,18 +17,6 @@ from tests.runbook import (
     github_anchor,
     runbook_anchors,
 )
-
-
-def alert_rules() -> list[dict[str, Any]]:
-    found = [
-        rule
-        for path in RULE_FILES
-        for group in yaml.safe_load(path.read_text())["groups"]
-        for rule in group["rules"]
-        if "alert" in rule
-    ]
-    assert found, "no alert rules found"
-    return found
 
 
 @pytest.mark.parametrize(

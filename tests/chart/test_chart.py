@@ -165,12 +165,32 @@ def test_lint_is_clean(profile: str) -> None:
         ({"head": {"shmSize": "lots"}}, "/head/shmSize"),
         ({"head": {"shmSize": 0}}, "/head/shmSize"),
         ({"head": {"shmSize": None}}, "missing property 'shmSize'"),
+        ({"worker": {"shmSize": "lots"}}, "/worker/shmSize"),
+        ({"worker": {"shmSize": None}}, "missing property 'shmSize'"),
     ],
 )  # fmt: skip
 def test_schema_rejects_bad_values_with_a_clear_message(values: dict[str, Any], where: str) -> None:
     with pytest.raises(helm.HelmValuesError) as err:
         render(values)
     assert where in str(err.value)
+
+
+@pytest.mark.parametrize("pod", ["head", "worker"])
+@pytest.mark.parametrize("number", [3221225472, 10, 1.5])
+def test_shm_size_is_a_quantity_string_never_a_number(pod: str, number: float) -> None:
+    """head.shmSize and worker.shmSize take a Kubernetes quantity string, as the schema's
+    description says: a YAML number is refused. Helm renders one as a float
+    (`sizeLimit: 3.221225472e+09`), not what was written, and a bare number is mostly a unit
+    slip (10 meant as 10Gi is 10 bytes: Ray's object store then goes to disk). A byte count
+    written as a string passes and is rendered as written."""
+    with pytest.raises(helm.HelmValuesError) as err:
+        render({pod: {"shmSize": number}})
+    assert f"/{pod}/shmSize" in str(err.value)
+    (ray,) = [d for d in documents({pod: {"shmSize": "3221225472"}}) if d["kind"] == "RayService"]
+    spec = ray["spec"]["rayClusterConfig"]
+    group = spec["headGroupSpec"] if pod == "head" else spec["workerGroupSpecs"][0]
+    volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["sizeLimit"] == "3221225472"
 
 
 def test_schema_accepts_every_profile_and_the_defaults() -> None:

@@ -4,8 +4,11 @@ usage record.
 `Gate.admit` counts the request against the tenant's plan (`RateLimiter`), then
 waits for engine slots in the tenant's queue (`FairQueue`). The returned
 `Ticket` travels with the request's completions; when the last one ends, on
-any exit path, the ticket settles the real token usage, frees the slots and
-writes the usage record, all before the response's last byte is sent. Before the
+any exit path, the ticket frees the slots at once, then settles the real token
+usage and writes the usage record, all before the response's last byte is sent.
+A completion that never started (the request ended first) ends explicitly
+(`Completion.abandon`); the garbage collector (`Ticket.__del__`) is only a
+last resort that logs a warning when it has anything to free. Before the
 ticket is handed out, the ledger holds the request's open entry (write-ahead), so
 a replica killed mid-request still leaves a record behind (`serve.gateway.ledger`).
 """
@@ -55,7 +58,7 @@ def rate_headers(scope: MutableMapping[str, Any]) -> dict[str, str]:
 
 @dataclass
 class Ticket:
-    """One admitted request; `finish` is called once per completion (choice)."""
+    """One admitted request; `complete_one` is called once per completion (choice)."""
 
     gate: Gate
     caller: Caller
@@ -73,7 +76,7 @@ class Ticket:
     finish_reason: str = ""
     done: bool = False
 
-    async def finish(
+    def complete_one(
         self,
         *,
         prompt_index: int = 0,
@@ -82,8 +85,10 @@ class Ticket:
         status: str,
         finish_reason: str | None,
         first_token_at: float | None,
-    ) -> None:
-        """One completion ended; the last one settles, frees and records."""
+    ) -> bool:
+        """One completion ended. The last one frees the slots now (no await: a cancelled
+        caller cannot leave them held) and returns True: the caller then settles and
+        records (`Gate.close`)."""
         self.prompts[prompt_index] = prompt_tokens  # once for all of its choices
         self.completion_tokens += completion_tokens
         if _STATUS_RANK.get(status, 2) > _STATUS_RANK.get(self.status, 2):
@@ -95,9 +100,24 @@ class Ticket:
             self.first_token_at = first_token_at
         self.pending -= 1
         if self.pending > 0 or self.done:
-            return
+            return False
         self.done = True
-        await self.gate.close(self)
+        self.lease.release()
+        return True
+
+    def abandon(self) -> bool:
+        """The request ended without (the rest of) its completions: free the slots now,
+        settle and record as aborted in the background. False when it had ended already."""
+        if self.done:
+            return False
+        self.done, self.status = True, "aborted"
+        self.lease.release()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return True
+        self.gate.background(loop.create_task(self.gate.close(self)))
+        return True
 
     @property
     def prompt_tokens(self) -> int:
@@ -123,17 +143,15 @@ class Ticket:
         )
 
     def __del__(self) -> None:
-        # Never iterated (client gone before the stream started): free the slots now
-        # and settle in the background.
-        if not self.done:
-            self.done = True
-            self.lease.release()
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                return
-            self.status = "aborted"
-            self.gate.background(loop.create_task(self.gate.close(self)))
+        # Last resort only: every path that ends a request ends its completions, started or
+        # not (`Completion.abandon`). Reaching this with slots held is a missed path, whose
+        # slots would stay held until a garbage collection.
+        if self.abandon():
+            log.warning(
+                "request %s: its admission was freed by the garbage collector, not when the "
+                "request ended (a completion neither ran nor was abandoned)",
+                self.request_id,
+            )
 
 
 class Gate:
@@ -180,8 +198,7 @@ class Gate:
         try:
             await self._write_ahead(ticket, prompt_tokens)
         except BaseException:  # cancelled meanwhile: settle (and record) as never iterated
-            ticket.done, ticket.status = True, "aborted"
-            self.background(asyncio.get_running_loop().create_task(self.close(ticket)))
+            ticket.abandon()
             raise
         return ticket
 

@@ -70,15 +70,25 @@ class Choices:
             sum(cached.values()),
         )
 
+    async def abandon(self) -> None:
+        """End the choices that never started (`Completion.abandon`); the others end
+        themselves."""
+        for completion in self.completions:
+            await completion.abandon()
+
     async def collect(self) -> list[str]:
-        if len(self.completions) == 1:
-            return [await self.completions[0].collect()]
         try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(c.collect()) for c in self.completions]
-        except ExceptionGroup as failed:  # the first failure speaks for the request
-            raise failed.exceptions[0] from None
-        return [task.result() for task in tasks]
+            if len(self.completions) == 1:
+                return [await self.completions[0].collect()]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    tasks = [group.create_task(c.collect()) for c in self.completions]
+            except ExceptionGroup as failed:  # the first failure speaks for the request
+                raise failed.exceptions[0] from None
+            return [task.result() for task in tasks]
+        finally:
+            # A choice whose task was cancelled before it ran (another one failed first).
+            await self.abandon()
 
     async def merged(self) -> AsyncGenerator[tuple[int, str | None], None]:
         """(choice index, text delta) as they come, and (index, None) when a choice ends.
@@ -116,3 +126,4 @@ class Choices:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            await self.abandon()  # a pump cancelled before it ran

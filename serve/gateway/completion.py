@@ -148,6 +148,8 @@ class Completion:
     _ended: BatchserveError | None = field(default=None, repr=False)
     _ending_task: asyncio.Task[Any] | None = field(default=None, repr=False)
     _cancelling: int = field(default=0, repr=False)
+    # `deltas` began, or `abandon` ended the completion before it could.
+    _started: bool = field(default=False, repr=False)
 
     @property
     def usage(self) -> Usage:
@@ -160,6 +162,9 @@ class Completion:
         Per delta only a timestamp and a counter add; everything else is settled once
         in `_settle`, on every exit path (finished, failed, client gone).
         """
+        if self._started:
+            raise RuntimeError("a completion is iterated once, and never after abandon()")
+        self._started = True
         service, record, metrics = self._service, self.prepared.record, self._service.metrics
         service.inflight += 1
         service.running.add(self)
@@ -221,22 +226,35 @@ class Completion:
                 if self.ticket is not None:  # before the caller writes the last byte
                     await self._finish_ticket(self.ticket, finished)
 
+    async def abandon(self) -> None:
+        """End a completion that never started: its request ended first (the client gone
+        before the stream pulled its first frame, a failure before the response). Its share
+        of the ticket ends as aborted, and when it was the last, the slots are free before
+        this awaits anything. A completion that started ends itself in `deltas`: no-op."""
+        if self._started:
+            return
+        self._started = True
+        if self.ticket is not None:
+            await self._finish_ticket(self.ticket, finished=False)
+
     async def _finish_ticket(self, ticket: Ticket, finished: bool) -> None:
-        """This completion's share of the ticket's settlement, in a task of its own that a
-        cancel of the caller does not cut. A client gone mid-stream cancels the response
-        under Starlette's cancel scope, which cancels every later await of the task again:
+        """This completion's share of the ticket: counted (and, for the last, the slots
+        freed) at once, then the settlement in a task of its own that a cancel of the
+        caller does not cut. A client gone mid-stream cancels the response under
+        Starlette's cancel scope, which cancels every later await of the task again:
         awaited in place, a settlement with a round trip (Redis) ended at its first, the
         tenant's stream lease stayed counted and no usage record was written."""
-        settling = asyncio.get_running_loop().create_task(
-            ticket.finish(
-                prompt_index=self.prepared.prompt_index,
-                prompt_tokens=self.usage.prompt_tokens,
-                completion_tokens=self.completion_tokens,
-                status="ok" if finished else ("error" if self.failed else "aborted"),
-                finish_reason=self.finish_reason,
-                first_token_at=self.first_token_at,
-            )
+        last = ticket.complete_one(
+            prompt_index=self.prepared.prompt_index,
+            prompt_tokens=self.usage.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            status="ok" if finished else ("error" if self.failed else "aborted"),
+            finish_reason=self.finish_reason,
+            first_token_at=self.first_token_at,
         )
+        if not last:
+            return
+        settling = asyncio.get_running_loop().create_task(ticket.gate.close(ticket))
         ticket.gate.background(settling)
         await asyncio.shield(settling)
 

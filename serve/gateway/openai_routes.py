@@ -25,6 +25,7 @@ from serve.gateway import openapi_doc
 from serve.gateway.admission import Caller, rate_headers
 from serve.gateway.body import read_body
 from serve.gateway.choices import Choices, choice_request_id, choice_seed
+from serve.gateway.completion import PreparedRequest
 from serve.gateway.context import GatewayContext
 from serve.gateway.error_wire import Dialect, as_batchserve_error, error_body
 from serve.gateway.request_id import mark_reached_inference
@@ -142,6 +143,15 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
             headers_out=rate_headers(request.scope),
             wait=not body.reject_if_busy,
         )
+        try:
+            return await reply(body, choices, request_id, prepared[0])
+        except BaseException:
+            await choices.abandon()  # admitted, never started: free their slots now
+            raise
+
+    async def reply(
+        body: OpenAIRequest, choices: Choices, request_id: str, first: PreparedRequest
+    ) -> Response:
         prefix = "chatcmpl-" if isinstance(body, ChatCompletionRequest) else "cmpl-"
         meta = ResponseMeta(
             id=prefix + request_id.replace("-", ""),
@@ -149,12 +159,13 @@ def openai_router(ctx: GatewayContext) -> APIRouter:
             model=ctx.model_name,
             chat=isinstance(body, ChatCompletionRequest),
         )
-        cap = prepared[0].request.sampling.max_tokens
-        headers = {CAP_HEADER: str(cap)} if prepared[0].clamped else {}
+        cap = first.request.sampling.max_tokens
+        headers = {CAP_HEADER: str(cap)} if first.clamped else {}
         if body.stream:
             return GuardedStreamingResponse(
                 sse_stream(choices, meta, body.include_usage),
                 stall_s=ctx.stream_stall_s,
+                on_close=choices.abandon,  # a stream that never started its choices
                 media_type="text/event-stream",
                 headers=headers,
             )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -61,12 +62,25 @@ class SendWatch:
 
 
 class GuardedStreamingResponse(StreamingResponse):
-    """A `StreamingResponse` that aborts when the client stops taking frames."""
+    """A `StreamingResponse` that aborts when the client stops taking frames.
 
-    def __init__(self, content: ContentStream, *, stall_s: float | None, **kwargs: Any) -> None:
+    `on_close` is awaited when the response ends, however it ended, after the body is
+    closed: it ends what the body never started (a client gone before the first frame
+    leaves the body unstarted, and closing an unstarted generator runs none of its code).
+    """
+
+    def __init__(
+        self,
+        content: ContentStream,
+        *,
+        stall_s: float | None,
+        on_close: Callable[[], Awaitable[None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(content, **kwargs)
         self.stall_s = stall_s
         self.stalled = False
+        self.on_close = on_close
 
     async def stream_response(self, send: Send) -> None:
         try:
@@ -93,9 +107,13 @@ class GuardedStreamingResponse(StreamingResponse):
         settled); shielded, since the cancel scope that ended the response would cut
         every await of that cleanup. A body that ran to its end closes at no cost."""
         aclose = getattr(self.body_iterator, "aclose", None)
-        if aclose is not None:
-            with anyio.CancelScope(shield=True):
-                await aclose()
+        with anyio.CancelScope(shield=True):
+            try:
+                if aclose is not None:
+                    await aclose()
+            finally:
+                if self.on_close is not None:
+                    await self.on_close()
 
     async def _watch(self, watch: SendWatch, stall_s: float, scope: anyio.CancelScope) -> None:
         while True:

@@ -107,15 +107,20 @@ def workers_ai_router(ctx: GatewayContext) -> APIRouter:
             headers_out=rate_headers(request.scope),
             wait=not run_input.reject_if_busy,
         )
-        if run_input.stream:
-            frames = sse_stream(completion, padding=ctx.stream_padding)
-            return GuardedStreamingResponse(
-                heartbeat_until_first(frames, ctx.stream_heartbeat_s),
-                stall_s=ctx.stream_stall_s,
-                # Exactly `text/event-stream`, as the hosted API sends it (no charset).
-                headers={"content-type": "text/event-stream"},
-            )
-        text = await completion.collect()
+        try:
+            if run_input.stream:
+                frames = sse_stream(completion, padding=ctx.stream_padding)
+                return GuardedStreamingResponse(
+                    heartbeat_until_first(frames, ctx.stream_heartbeat_s),
+                    stall_s=ctx.stream_stall_s,
+                    on_close=completion.abandon,  # a stream that never pulled a frame
+                    # Exactly `text/event-stream`, as the hosted API sends it (no charset).
+                    headers={"content-type": "text/event-stream"},
+                )
+            text = await completion.collect()
+        except BaseException:
+            await completion.abandon()  # admitted, never started: free its slots now
+            raise
         notes = [cap_note(ctx.completions.budget.non_stream_max_tokens)] if prepared.clamped else []
         result = {
             "response": text,

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 from fastapi import FastAPI
+from starlette.types import Message, Send
 
 from serve.cluster import build_gateway
 from serve.gateway.tenants import hash_token
@@ -20,6 +24,40 @@ RUN_URL = f"/client/v4/accounts/{ACCOUNT}/ai/run/{MODEL}"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 # The OpenAI dialect's two prefixes: any account of the token, and the account-scoped one.
 PREFIXES = ["/v1", f"/client/v4/accounts/{ACCOUNT}/ai/v1"]
+
+
+async def asgi_post(
+    app: Any, path: str, body: dict[str, Any], send: Send, *, gone: asyncio.Event, spec: str
+) -> None:
+    """POST `body` to `path` of `app` as tenant t1, straight over ASGI `spec` (2.3: what
+    uvicorn and Serve's replicas speak); `receive` reports the client gone once `gone` is
+    set."""
+    raw = json.dumps(body).encode()
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        received += 1
+        if received == 1:
+            return {"type": "http.request", "body": raw, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": spec},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    await app(scope, receive, send)
 
 
 def gateway_settings(**overrides: object) -> Settings:

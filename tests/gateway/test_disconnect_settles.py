@@ -8,7 +8,6 @@ no usage record was written."""
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from serve.gateway.ledger import OpenRequest, UsageLedger, UsageRecord
 from serve.gateway.ratelimit import InMemoryRateLimiter, RateLimiter, RateState, Reservation
 from serve.gateway.tenants import Tenant
 from tests.fakes import FakeEngine
-from tests.gateway.conftest import RUN_URL, TOKEN, gateway_settings
+from tests.gateway.conftest import RUN_URL, asgi_post, gateway_settings
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -68,37 +67,13 @@ class RoundTripLedger:
 
 async def stream_then_leave(app: Any, path: str, body: dict[str, Any]) -> None:
     """One streaming request over ASGI 2.3 whose client leaves after the first event."""
-    raw = json.dumps(body).encode()
     first_event = asyncio.Event()
-    received = 0
-
-    async def receive() -> Message:
-        nonlocal received
-        received += 1
-        if received == 1:
-            return {"type": "http.request", "body": raw, "more_body": False}
-        await first_event.wait()
-        return {"type": "http.disconnect"}
 
     async def send(message: Message) -> None:
         if message["type"] == "http.response.body" and message["body"].startswith(b"data:"):
             first_event.set()
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    await app(scope, receive, send)
+    await asgi_post(app, path, body, send, gone=first_event, spec="2.3")
 
 
 async def settled(limiter: RoundTripLimiter, ledger: RoundTripLedger) -> None:

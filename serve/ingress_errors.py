@@ -10,7 +10,8 @@ should a deny rule ever be added. Its own pages are
 ("Internal Server Error"). One HAProxy frontend serves both dialects and an `errorfile` is
 static, so each page here is one JSON object that is an error envelope of both dialects at
 once (`serve.gateway.error_wire.both_dialects_body`), with the status HAProxy chose and the
-code the gateway uses for the same situation:
+code the gateway uses for the same situation. Being one body, its OpenAI `error.message` is
+the Workers AI message, "AiError: " included, which the gateway's own OpenAI errors drop:
 
 - 502: the replica died under the request: 3008 `server_error`, like an engine that dies
   under an in-flight request;

@@ -1,5 +1,13 @@
 """The one place where errors become HTTP responses, in the caller's dialect (or, for the
-pages HAProxy answers itself without knowing the dialect, in both at once)."""
+pages HAProxy answers itself without knowing the dialect, in both at once).
+
+Both dialects share the messages of `serve.errors`, which are worded as hosted Workers AI's
+("AiError: Bad input: ..."). OpenAI's clients show `error.message` to their users, so the
+OpenAI envelope drops the leading "AiError: " (`openai_error_message`); the rest of the
+text, `openai_message` (LiteLLM matches its context-window wording) included, is sent as
+written. HAProxy's pages (`both_dialects_body`) are one static body for both dialects:
+their OpenAI `error.message` keeps the Workers AI text, prefix and all.
+"""
 
 from __future__ import annotations
 
@@ -38,16 +46,30 @@ def as_batchserve_error(exc: BaseException) -> BatchserveError:
     return EngineFailure()
 
 
+# Hosted Workers AI's prefix of every error message, which OpenAI's errors do not have.
+WORKERS_AI_PREFIX = "AiError: "
+
+
+def openai_error_message(err: BatchserveError) -> str:
+    """`error.message` of the OpenAI dialect: OpenAI's wording where the error has one,
+    without Workers AI's leading "AiError: "."""
+    return (err.openai_message or err.message).removeprefix(WORKERS_AI_PREFIX)
+
+
+def _openai_body(err: BatchserveError, message: str) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": message,
+            "type": err.openai_type,
+            "param": err.param,
+            "code": err.openai_code or str(err.code),
+        }
+    }
+
+
 def error_body(err: BatchserveError, dialect: Dialect) -> dict[str, Any]:
     if dialect is Dialect.OPENAI:
-        return {
-            "error": {
-                "message": err.openai_message or err.message,
-                "type": err.openai_type,
-                "param": err.param,
-                "code": err.openai_code or str(err.code),
-            }
-        }
+        return _openai_body(err, openai_error_message(err))
     error: dict[str, Any] = {"code": err.code, "message": err.message}
     if err.chain:
         error["error_chain"] = [{"code": code, "message": text} for code, text in err.chain]
@@ -93,8 +115,13 @@ def error_response(err: BatchserveError, dialect: Dialect) -> Response:
 def both_dialects_body(err: BatchserveError) -> dict[str, Any]:
     """One object that is an error envelope of both dialects at once: the Workers AI keys
     (`result`, `success`, `errors`, `messages`) and OpenAI's `error`. For responses written
-    where the dialect is not known (HAProxy's own error pages, `serve.ingress_errors`)."""
-    return {**error_body(err, Dialect.WORKERS_AI), **error_body(err, Dialect.OPENAI)}
+    where the dialect is not known (HAProxy's own error pages, `serve.ingress_errors`).
+    Being one static body, it has one message: `error.message` is the Workers AI text,
+    "AiError: " included, like `errors[0].message`."""
+    return {
+        **error_body(err, Dialect.WORKERS_AI),
+        **_openai_body(err, err.openai_message or err.message),
+    }
 
 
 def raw_error_response(err: BatchserveError) -> bytes:

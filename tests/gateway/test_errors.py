@@ -290,3 +290,64 @@ async def test_a_compressed_body_is_a_415_that_says_so(
     headers["Content-Encoding"] = "identity"
     r = await client.post(path, headers=headers, content=json.dumps(body).encode())
     assert r.status_code == 200, r.text
+
+
+async def test_openai_messages_have_no_workers_ai_prefix(settings: Settings) -> None:
+    """Both dialects share the messages of serve.errors, worded as hosted Workers AI's
+    ("AiError: ..."). OpenAI's clients show `error.message` to their users: the OpenAI
+    envelope and its stream error events drop the prefix, the Workers AI ones keep it, and
+    the context-window text LiteLLM matches is OpenAI's exactly."""
+    engine = FakeEngine(context_window=100)
+    app = build_gateway(settings, engine)
+    transport = httpx.ASGITransport(app=app)
+    chat = "/v1/chat/completions"
+    hi = [{"role": "user", "content": "hi"}]
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+
+        async def both(run: dict[str, object], openai: dict[str, object]) -> tuple[str, str]:
+            wai = (await http.post(RUN_URL, headers=AUTH, json=run)).json()
+            oai = (await http.post(chat, headers=AUTH, json={"model": MODEL, **openai})).json()
+            return wai["errors"][0]["message"], oai["error"]["message"]
+
+        # Bad input, a reason of its own in each dialect.
+        wai, oai = await both({"prompt": "hi", "top_k": 51}, {"messages": hi, "n": 0})
+        assert wai.startswith("AiError: Bad input: ")
+        assert oai.startswith("Bad input: ")
+        # Over the context window: Cloudflare's 5021 text, and OpenAI's/vLLM's as it is.
+        wai, oai = await both(
+            {"prompt": "word " * 30, "max_tokens": 100},
+            {"messages": [{"role": "user", "content": "word " * 30}], "max_tokens": 100},
+        )
+        assert wai.startswith("AiError: The estimated number of input and maximum output")
+        assert oai == (
+            "This model's maximum context length is 100 tokens. However, you requested 175 "
+            "tokens (input and maximum output together). Please reduce the length of the "
+            "messages or max_tokens."
+        )
+        # The engine fails: before the first byte, and after it (an error event in the stream).
+        engine.fail_after = 0
+        wai, oai = await both({"prompt": "hi"}, {"messages": hi})
+        assert wai == "AiError: Inference failed, please retry"
+        assert oai == "Inference failed, please retry"
+        engine.fail_after = 1
+        short = {"max_tokens": 5}  # within the window of 100
+        streamed = await http.post(
+            chat, headers=AUTH, json={"model": MODEL, "messages": hi, "stream": True, **short}
+        )
+        assert '"message":"Inference failed, please retry"' in streamed.text
+        assert "AiError" not in streamed.text
+        streamed = await http.post(
+            RUN_URL, headers=AUTH, json={"prompt": "hi", "stream": True, **short}
+        )
+        assert '"message":"AiError: Inference failed, please retry"' in streamed.text
+
+
+def test_haproxy_pages_keep_the_prefix_in_both_dialects() -> None:
+    """HAProxy's pages are one static body for both dialects (the dialect is not known
+    where HAProxy answers): its OpenAI `error.message` is the Workers AI message as is."""
+    from serve.errors import EngineFailure
+    from serve.gateway.error_wire import both_dialects_body
+
+    body = both_dialects_body(EngineFailure())
+    message = "AiError: Inference failed, please retry"
+    assert body["errors"][0]["message"] == body["error"]["message"] == message

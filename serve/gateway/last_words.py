@@ -142,8 +142,14 @@ class LastWords:
         try:
             slot = Slot(index, transport, sock.fileno(), self._states)
             socket.send_fds(self._control, [b"R" + index.to_bytes(4, "big")], [slot.fd])
-        except OSError:
+        except BlockingIOError:  # the keeper is behind: this connection goes without
             self._free.append(index)
+            return None
+        except OSError as exc:  # the keeper is gone: every connection goes without
+            self._free.append(index)
+            log.error("last words: the keeper is gone (%s); connections go without", exc)
+            self._control.close()
+            self._control = None
             return None
         return slot
 

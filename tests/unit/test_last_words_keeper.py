@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import mmap
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -15,6 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import cast
 
+import psutil
 import pytest
 
 from serve.gateway.last_words import LastWords, answers
@@ -172,5 +175,24 @@ def test_a_keeper_not_started_or_full_takes_no_connection(
         finally:
             keeper.close()
     finally:
+        server.close()
+        client.close()
+
+
+def test_a_keeper_that_died_is_noticed_once(caplog: pytest.LogCaptureFixture) -> None:
+    server, client = socket.socketpair()
+    transport = cast(asyncio.Transport, _Transport(server))
+    keeper = LastWords()
+    keeper.start()
+    try:
+        assert keeper.pid is not None
+        os.kill(keeper.pid, signal.SIGKILL)
+        psutil.Process(keeper.pid).wait(5)  # its end of the control socket is closed
+        assert keeper.register(transport) is None
+        assert keeper.register(transport) is None
+        gone = [r for r in caplog.records if "the keeper is gone" in r.getMessage()]
+        assert len(gone) == 1 and gone[0].levelname == "ERROR"
+    finally:
+        keeper.close()
         server.close()
         client.close()

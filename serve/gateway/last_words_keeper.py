@@ -7,7 +7,8 @@ holds little memory. It keeps a duplicate of every open connection of the replic
 server (received over the control socket, SCM_RIGHTS) and reads, for each, one byte of a
 shared map the server writes as it answers (`State`). The duplicate also keeps a
 connection open when the replica's process dies, which is what lets this process write
-on it. When the parent is gone (its pidfd becomes readable), it writes, on every
+on it. When the parent is gone (its pidfd becomes readable; without pidfds, the control
+socket's end and a new parent process tell), it writes, on every
 connection whose state allows it:
 
 - `FRESH` (a request came, nothing of its answer was sent): a complete HTTP 502 response
@@ -189,24 +190,42 @@ def _drain(control: socket.socket, keeper: Keeper) -> None:
         keeper.handle(message, fds)
 
 
-def _gone(pidfd: int, within_s: float) -> bool:
-    return bool(select.select([pidfd], [], [], within_s)[0])
+def _pidfd(parent: int) -> int | None:
+    """A descriptor that becomes readable when `parent` ends; None where the system refuses
+    one (a seccomp profile without pidfd_open): the control socket's end then tells."""
+    try:
+        return os.pidfd_open(parent)
+    except OSError:
+        return None
+
+
+def _gone(parent: int, pidfd: int | None, within_s: float) -> bool:
+    """Whether `parent` ends within `within_s`."""
+    if pidfd is not None:
+        return bool(select.select([pidfd], [], [], within_s)[0])
+    deadline = time.monotonic() + within_s
+    while os.getppid() == parent:  # orphans are handed to another process
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def run(parent: int, control: socket.socket, states: mmap.mmap) -> str:
     """Serve the control socket until the parent goes; return what happened."""
-    pidfd = os.pidfd_open(parent)
+    pidfd = _pidfd(parent)
     keeper = Keeper(states)
     with selectors.DefaultSelector() as sel:
         sel.register(control, selectors.EVENT_READ, "control")
-        sel.register(pidfd, selectors.EVENT_READ, "parent")
+        if pidfd is not None:
+            sel.register(pidfd, selectors.EVENT_READ, "parent")
         while True:
             events = sel.select()
             if any(key.data == "parent" for key, _ in events):
                 break
             message, fds = _receive(control)
             if not message:  # the parent closed its end: gone, or a normal stop?
-                if _gone(pidfd, EXIT_GRACE_S):
+                if _gone(parent, pidfd, EXIT_GRACE_S):
                     break
                 return "stopped"
             keeper.handle(message, fds)

@@ -20,6 +20,7 @@ from typing import cast
 import psutil
 import pytest
 
+from serve.gateway import last_words_keeper
 from serve.gateway.last_words import LastWords, answers
 from serve.gateway.last_words_keeper import (
     DEADLINE_S,
@@ -34,13 +35,14 @@ from serve.gateway.last_words_keeper import (
 class Run:
     """`run` in a thread, watching a `sleep` process as its parent."""
 
-    def __init__(self) -> None:
+    def __init__(self, watched: int | None = None) -> None:
         self.parent = subprocess.Popen(["sleep", "60"])
+        parent = self.parent.pid if watched is None else watched
         self.states = mmap.mmap(-1, 16)
         self.control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.outcome: list[str] = []
         self.thread = threading.Thread(
-            target=lambda: self.outcome.append(run(self.parent.pid, theirs, self.states))
+            target=lambda: self.outcome.append(run(parent, theirs, self.states))
         )
         self.thread.start()
         self.control.sendall(pack_payloads(*answers()))
@@ -141,6 +143,31 @@ def test_a_client_that_stopped_reading_is_closed_without_waiting(keeper_run: Run
     assert time.monotonic() - started < DEADLINE_S + 1
     client.settimeout(5)
     assert read_all(client) == b"x" * filler  # then the end: no answer squeezed in
+
+
+def test_without_pidfds_the_control_sockets_end_and_a_new_parent_tell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(last_words_keeper, "_pidfd", lambda parent: None)
+    # The watched parent is not this process's parent: once the control socket ends, the
+    # keeper finds itself handed to another process, so the parent died.
+    died = Run()
+    try:
+        client = died.connection(1, State.FRESH)
+        died.control.close()
+        assert died.finish().endswith("answered 1 of its 1 open connections")
+        assert read_all(client).startswith(b"HTTP/1.1 502")
+    finally:
+        died.close()
+    # The watched parent is this process's parent, alive: a normal stop, nothing written.
+    stopped = Run(watched=os.getppid())
+    try:
+        client = stopped.connection(1, State.FRESH)
+        stopped.control.close()
+        assert stopped.finish() == "stopped"
+        assert read_all(client) == b""
+    finally:
+        stopped.close()
 
 
 class _Transport:

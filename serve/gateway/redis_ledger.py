@@ -51,6 +51,9 @@ _PAGE = 1000
 _FORGET_PER_CALL = 1000
 # Fallback records one heartbeat hands on to Redis, at most.
 _HAND_ON_PER_BEAT = 500
+# At stop: how long the last hand-on may take, and how many records left behind are logged.
+_STOP_HAND_ON_S = 5.0
+_LOGGED_AT_STOP = 10_000
 
 _T = TypeVar("_T")
 
@@ -316,7 +319,33 @@ class RedisLedger:
             log.warning("usage ledger owner %s not marked gone (%s)", self.owner,
                         type(err).__name__)  # fmt: skip
         if self._fallback is not None:
+            await self._hand_on_at_stop()
             await self._fallback.stop()
+
+    async def _hand_on_at_stop(self) -> None:
+        """A last hand-on of the fallback's records (for up to `_STOP_HAND_ON_S`); what
+        Redis could not take is logged, one JSON record a line: the fallback may live in the
+        pod's own storage, gone with it (a later replica sharing the file hands them on,
+        and Redis counts one already there once)."""
+        from redis.exceptions import RedisError
+
+        assert self._fallback is not None
+        deadline = time.monotonic() + _STOP_HAND_ON_S
+        try:
+            while self._fallback_pending and time.monotonic() < deadline:
+                if not await self._hand_on(deadline):
+                    break
+        except (RedisError, OSError, TimeoutError, sqlite3.Error) as err:
+            log.warning("usage records of the local fallback not handed on at stop (%s)",
+                        type(err).__name__)  # fmt: skip
+        left = await self._fallback.oldest(_LOGGED_AT_STOP)
+        if not left:
+            return
+        log.error("%s%d usage records written while Redis was away are still only in the "
+                  "local fallback as this replica stops; each follows on a line of its own",
+                  "at least " if len(left) == _LOGGED_AT_STOP else "", len(left))  # fmt: skip
+        for record in left:
+            log.error("usage record not in Redis: %s", json.dumps(asdict(record)))
 
     async def close(self) -> None:
         try:

@@ -331,6 +331,42 @@ async def test_records_of_a_redis_outage_reach_redis_once_it_is_back(tmp_path: P
         assert again == totals
 
 
+async def test_a_stopping_replica_hands_on_the_fallback_or_logs_what_is_left(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At stop the fallback's records are handed on to Redis without waiting for a beat;
+    those Redis cannot take are logged one JSON record a line (the fallback may be the
+    pod's own file, gone with it)."""
+    async with redis_with_fallback(tmp_path, "s") as it:
+        server, fallback, ledger = it.server, it.fallback, it.ledger
+        server.stop()
+        outage = [final(entry(i), completion_tokens=i) for i in range(1, 4)]
+        for record in outage:
+            await ledger.record(record)
+        await ledger.stop()  # Redis still away: the records are logged
+        logged = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert "3 usage records written while Redis was away" in logged[0]
+        lines = [json.loads(m.split(": ", 1)[1]) for m in logged[1:]]
+        assert [(r["request_id"], r["completion_tokens"]) for r in lines] == [
+            (r.request_id, r.completion_tokens) for r in outage
+        ]
+        assert len(await fallback.oldest(100)) == 3  # still there for a later replica
+
+    caplog.clear()
+    async with redis_with_fallback(tmp_path / "back", "t") as it:
+        server, fallback, ledger = it.server, it.fallback, it.ledger
+        server.stop()
+        for record in outage:
+            await ledger.record(record)
+        server.start()  # back, and no heartbeat before the stop
+        await ledger.stop()
+        assert await fallback.oldest(100) == []
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+        with closing(redis.Redis.from_url(server.url, decode_responses=True)) as r:
+            stream = r.xrange(f"{KEY_PREFIX}:{{{ACCOUNT}}}:stream")
+            assert sorted(rec[1]["request_id"] for rec in stream) == ["req-1", "req-2", "req-3"]
+
+
 async def test_open_entry_in_redis_carries_what_the_sweeper_needs(redis_url: str) -> None:
     with closing(redis.Redis.from_url(redis_url, decode_responses=True)) as r:
         r.flushdb()

@@ -111,6 +111,19 @@ def up_settings(ns: argparse.Namespace, base: Settings) -> tuple[Settings, str |
     return Settings.model_validate(settings.model_dump()), token
 
 
+def _watch_serving(url: str, serving: threading.Event, done: threading.Event) -> None:
+    """Set `serving` once `url` answers 200, polling until then or until `done`."""
+    while not done.is_set():
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    serving.set()
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        done.wait(0.25)
+
+
 def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
@@ -221,8 +234,18 @@ def cmd_up(ns: argparse.Namespace) -> int:
     interruptible = threading.Event()
     interruptible.set()
 
+    # Set once the stack answers (HAProxy serves as soon as a replica is up, before Serve
+    # reports the application running and `cluster.start` returns).
+    serving = threading.Event()
+
     def on_signal(signum: int, _frame: object) -> None:
+        first = not stop.is_set()
         stop.set()
+        if first and serving.is_set() and interruptible.is_set():
+            # Clients may be served already: let the start-up return, then drain.
+            print("stopping batchserve once its start-up returns (press Ctrl-C again to "
+                  "stop at once) ...", flush=True)  # fmt: skip
+            return
         if interruptible.is_set():
             interruptible.clear()
             raise KeyboardInterrupt
@@ -238,13 +261,19 @@ def cmd_up(ns: argparse.Namespace) -> int:
         flush=True,
     )
     cluster = LocalCluster(settings)
+    healthz = f"http://{settings.host}:{settings.port}/healthz"
+    started = threading.Event()
+    threading.Thread(target=_watch_serving, args=(healthz, serving, started), daemon=True).start()
     try:
-        cluster.start()
-        # ray.init installed Ray's own SIGTERM handling, which ends this process at once
-        # (HAProxy and the replicas go with it, cutting every stream): ours again.
-        signal.signal(signal.SIGTERM, on_signal)
+        try:
+            # ray.init installs Ray's own SIGTERM handling, which ends this process at once
+            # (HAProxy and the replicas go with it, cutting every stream): ours again, before
+            # the application is deployed.
+            cluster.start(after_ray_init=lambda: signal.signal(signal.SIGTERM, on_signal))
+        finally:
+            started.set()
         interruptible.clear()
-        ready = _wait_ready(f"http://{settings.host}:{settings.port}/healthz", 900, stop)
+        ready = _wait_ready(healthz, 900, stop)
         if not ready and not stop.is_set():
             print("batchserve did not become healthy in time", file=sys.stderr)
             return 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -271,7 +272,10 @@ class LocalCluster:
         self.settings = settings
         self._descendants: list[Any] = []
 
-    def start(self) -> None:
+    def start(self, after_ray_init: Callable[[], object] = lambda: None) -> None:
+        """Start Ray, Serve and the application; returns once Serve reports it running
+        (HAProxy may serve a little before). `after_ray_init` runs as soon as `ray.init`
+        returned (which installs Ray's own signal handling)."""
         import ray
         from ray import serve as rayserve
 
@@ -281,6 +285,7 @@ class LocalCluster:
             log_to_driver=True,
             _metrics_export_port=metrics_export_port(self.settings.ray_metrics_export_port),
         )
+        after_ray_init()
         rayserve.start(http_options={"host": self.settings.host, "port": self.settings.port})
         rayserve.run(
             build_application(self.settings),

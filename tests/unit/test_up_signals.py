@@ -21,6 +21,9 @@ from serve import cluster as cluster_module
 from serve.settings import Settings
 from tests.gateway.conftest import gateway_settings
 
+# What `cmd_up` asks of its cluster when it drains before stopping.
+DRAINED = ["start", "started", "drain", "drained", "stop", "stopped"]
+
 
 def _signal_soon(signum: int, after_s: float = 0.2) -> None:
     threading.Timer(after_s, os.kill, (os.getpid(), signum)).start()
@@ -38,9 +41,11 @@ class FakeCluster:
         self.calls: list[str] = []
         FakeCluster.instances.append(self)
 
-    def start(self) -> None:
+    def start(self, after_ray_init: Callable[[], object] = lambda: None) -> None:
         self.calls.append("start")
+        after_ray_init()
         type(self).on_start()
+        self.calls.append("started")
 
     def drain(self) -> bool:
         self.calls.append("drain")
@@ -60,6 +65,7 @@ def up(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[],
     monkeypatch.setattr(cluster_module, "LocalCluster", FakeCluster)
     monkeypatch.setattr(cli, "_use_haproxy_wrapper", lambda settings: None)
     monkeypatch.setattr(cli, "_wait_ready", lambda url, timeout_s, stop: True)
+    monkeypatch.setattr(cli, "_watch_serving", lambda url, serving, done: None)
     settings = gateway_settings(cache_dir=str(tmp_path), graceful_shutdown_timeout_s=5)
     monkeypatch.setattr(cli, "up_settings", lambda ns, base: (settings, "t0ken"))
     saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
@@ -75,7 +81,7 @@ def test_the_first_signal_drains_then_stops(
     up: Callable[[], int], capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert up() == 0
-    assert FakeCluster.instances[0].calls == ["start", "drain", "drained", "stop", "stopped"]
+    assert FakeCluster.instances[0].calls == DRAINED
     out = capsys.readouterr().out
     assert "draining the replicas (up to 5 s" in out and "stopping batchserve ..." in out
 
@@ -92,7 +98,7 @@ def test_a_second_signal_during_the_drain_stops_at_once(
     started = time.monotonic()
     assert up() == 130
     assert time.monotonic() - started < 5
-    assert FakeCluster.instances[0].calls == ["start", "drain", "stop", "stopped"]
+    assert FakeCluster.instances[0].calls == ["start", "started", "drain", "stop", "stopped"]
 
 
 def test_a_drain_out_of_time_still_stops(
@@ -133,6 +139,66 @@ def test_a_signal_before_up_saw_the_stack_ready_still_drains(
     monkeypatch.setattr(FakeCluster, "on_start", staticmethod(lambda: None))
     monkeypatch.setattr(cli, "_wait_ready", wait_ready)
     assert up() == 0
-    assert FakeCluster.instances[0].calls == ["start", "drain", "drained", "stop", "stopped"]
+    assert FakeCluster.instances[0].calls == DRAINED
     out = capsys.readouterr().out
     assert "batchserve is up" not in out and "draining the replicas" in out
+
+
+def test_a_signal_during_the_start_up_once_serving_lets_it_return_then_drains(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HAProxy serves before Serve reports the application running (`cluster.start`
+    returns): a SIGTERM in between must not interrupt the start-up and stop, which cut
+    every stream (a clean-clone CI run of tests/cluster/test_shutdown.py: the signal came
+    after ray.init, whose own handler ended the process at once, 0.07 s)."""
+
+    def serving_at_once(url: str, serving: threading.Event, done: threading.Event) -> None:
+        serving.set()
+
+    def start_under_a_signal() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # our handler, reinstalled after ray.init
+        time.sleep(0.3)  # not interrupted
+
+    monkeypatch.setattr(cli, "_watch_serving", serving_at_once)
+    monkeypatch.setattr(FakeCluster, "on_start", staticmethod(start_under_a_signal))
+    assert up() == 0
+    assert FakeCluster.instances[0].calls == DRAINED
+    assert "once its start-up returns" in capsys.readouterr().out
+
+
+def test_a_signal_during_the_start_up_before_anything_serves_interrupts_it(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def start_under_a_signal() -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(10)  # interrupted
+
+    monkeypatch.setattr(FakeCluster, "on_start", staticmethod(start_under_a_signal))
+    started = time.monotonic()
+    assert up() == 130
+    assert time.monotonic() - started < 5
+    assert FakeCluster.instances[0].calls == ["start", "stop", "stopped"]
+
+
+def test_ray_init_handing_sigterm_to_ray_is_undone_before_the_deploy(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[object] = []
+
+    def ray_takes_sigterm() -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # what ray.init does, in effect
+
+    original = FakeCluster.start
+
+    def start(self: FakeCluster, after_ray_init: Callable[[], object] = lambda: None) -> None:
+        def after() -> object:
+            ray_takes_sigterm()
+            after_ray_init()
+            seen.append(signal.getsignal(signal.SIGTERM))
+            return None
+
+        original(self, after)
+
+    monkeypatch.setattr(FakeCluster, "start", start)
+    assert up() == 0
+    assert seen and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN)

@@ -118,14 +118,19 @@ def build_gateway(
     registry: CollectorRegistry | None = None,
     engine_metrics: Collector | None = None,
     tracer: Tracer | None = None,
+    last_words: LastWords | None = None,
 ) -> FastAPI:
     """The gateway app in front of one engine (also what gateway tests build).
 
     Gateway metrics go to `registry` (a fresh one by default); `/metrics` serves them
-    and, when given, the engine's own metrics (`engine_metrics`), replica-labelled.
+    and, when given, the engine's own metrics (`engine_metrics`), replica-labelled, and
+    the connections the replica's keeper (`last_words`) could not take.
     """
     registry = registry if registry is not None else CollectorRegistry()
     metrics = GatewayMetrics(registry, model=settings.served_model.name)
+    if last_words is not None:
+        unprotected = metrics.last_words_unprotected
+        last_words.on_unprotected = lambda reason: unprotected.labels(reason).inc()
     observability = Observability(
         metrics=metrics,
         access_log=AccessLog(
@@ -201,7 +206,12 @@ def compose_replica(settings: Settings, replica_id: str) -> ReplicaParts:
     # vLLM records its engine metrics (vllm:*) in prometheus_client's default registry
     # of this process; the replica's /metrics serves them beside the gateway's.
     app = build_gateway(
-        settings, engine, replica_id=replica_id, behind_serve=True, engine_metrics=REGISTRY
+        settings,
+        engine,
+        replica_id=replica_id,
+        behind_serve=True,
+        engine_metrics=REGISTRY,
+        last_words=keeper,
     )
     completions: CompletionService = app.state.completions
     if settings.drain_poll_s > 0 and _direct_ingress():

@@ -19,6 +19,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from serve.errors import RejectionReason
+from serve.gateway.last_words import UnprotectedReason
 
 # Time to first token and end-to-end latency: from a few ms to ten minutes. 2.0 is the TTFT
 # SLO of deploy/prometheus/rules/alerts.yml: an alert threshold must be a bucket boundary, or
@@ -146,6 +147,15 @@ class GatewayMetrics:
         )
         for action in ("fail_open", "fail_closed", "ledger"):
             self.ratelimit_backend_errors.labels(action)
+        self.last_words_unprotected = Counter(
+            "batchserve_last_words_unprotected_connections_total",
+            "Connections this replica's keeper could not take: should the replica's process "
+            "die, their clients get a cut connection, not an error (serve/gateway/last_words).",
+            ["reason"],
+            registry=registry,
+        )
+        for unprotected in get_args(UnprotectedReason):
+            self.last_words_unprotected.labels(unprotected)
         # Series that must exist from the start, so rate() and alerts see the first event.
         for reason in REJECTION_REASONS:
             self.rejections.labels(model, reason)

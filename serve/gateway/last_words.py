@@ -39,7 +39,8 @@ import socket
 import subprocess
 import sys
 from asyncio import Transport
-from typing import ClassVar, Final
+from collections.abc import Callable
+from typing import ClassVar, Final, Literal
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -52,6 +53,9 @@ from serve.ingress_errors import replica_gone
 
 log = logging.getLogger(__name__)
 
+# Why a connection went without: every slot taken, the keeper's socket full (it is
+# behind), or the keeper gone.
+UnprotectedReason = Literal["slots_full", "keeper_busy", "keeper_gone"]
 SLOT_EXTENSION: Final = "batchserve.last_words"
 DEFAULT_SLOTS: Final = 8192  # connections one replica can hold answers for
 _EVENT_STATES: Final = {
@@ -93,11 +97,14 @@ class LastWords:
 
     def __init__(self, slots: int = DEFAULT_SLOTS) -> None:
         self.slots = slots
+        # Told of every connection that goes without (the replica's metrics).
+        self.on_unprotected: Callable[[UnprotectedReason], None] = lambda reason: None
         self._free: list[int] = []
         self._states: mmap.mmap | None = None
         self._control: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._full_logged = False
+        self._gone = False
 
     def start(self) -> None:
         """Start the keeper (after the engine's processes were forked: they would inherit
@@ -128,11 +135,14 @@ class LastWords:
         """Hand the keeper this connection; None if it cannot take it (nothing is lost
         but the answer on this connection should the process die)."""
         if self._control is None or self._states is None:
+            if self._gone:
+                self.on_unprotected("keeper_gone")
             return None
         if not self._free:
             if not self._full_logged:
                 log.warning("last words: all %d slots taken; new ones go without", self.slots)
                 self._full_logged = True
+            self.on_unprotected("slots_full")
             return None
         sock = transport.get_extra_info("socket")
         if sock is None:
@@ -144,12 +154,14 @@ class LastWords:
             socket.send_fds(self._control, [b"R" + index.to_bytes(4, "big")], [slot.fd])
         except BlockingIOError:  # the keeper is behind: this connection goes without
             self._free.append(index)
+            self.on_unprotected("keeper_busy")
             return None
         except OSError as exc:  # the keeper is gone: every connection goes without
             self._free.append(index)
             log.error("last words: the keeper is gone (%s); connections go without", exc)
             self._control.close()
-            self._control = None
+            self._control, self._gone = None, True
+            self.on_unprotected("keeper_gone")
             return None
         return slot
 

@@ -19,7 +19,9 @@ from typing import cast
 
 import psutil
 import pytest
+from fastapi.testclient import TestClient
 
+from serve.cluster import build_gateway
 from serve.gateway import last_words_keeper
 from serve.gateway.last_words import LastWords, answers
 from serve.gateway.last_words_keeper import (
@@ -30,6 +32,8 @@ from serve.gateway.last_words_keeper import (
     pack_payloads,
     run,
 )
+from tests.fakes import FakeEngine
+from tests.gateway.conftest import gateway_settings
 
 
 class Run:
@@ -191,11 +195,14 @@ def test_a_keeper_not_started_or_full_takes_no_connection(
     try:
         assert LastWords().register(transport) is None  # replica_last_words: false
         keeper = LastWords(slots=1)
+        reasons: list[str] = []
+        keeper.on_unprotected = reasons.append
         keeper.start()
         try:
             taken = keeper.register(transport)
             assert taken is not None and keeper.register(transport) is None
             assert "all 1 slots taken" in caplog.text
+            assert reasons == ["slots_full"]
             keeper.release(taken)
             assert client.recv(1) == b""  # released: the connection's end reached the peer
             assert keeper.register(transport) is not None  # the slot is free again
@@ -210,6 +217,8 @@ def test_a_keeper_that_died_is_noticed_once(caplog: pytest.LogCaptureFixture) ->
     server, client = socket.socketpair()
     transport = cast(asyncio.Transport, _Transport(server))
     keeper = LastWords()
+    reasons: list[str] = []
+    keeper.on_unprotected = reasons.append
     keeper.start()
     try:
         assert keeper.pid is not None
@@ -219,7 +228,19 @@ def test_a_keeper_that_died_is_noticed_once(caplog: pytest.LogCaptureFixture) ->
         assert keeper.register(transport) is None
         gone = [r for r in caplog.records if "the keeper is gone" in r.getMessage()]
         assert len(gone) == 1 and gone[0].levelname == "ERROR"
+        assert reasons == ["keeper_gone", "keeper_gone"]  # every connection since counts
     finally:
         keeper.close()
         server.close()
         client.close()
+
+
+def test_the_replicas_metrics_count_connections_that_go_without() -> None:
+    keeper = LastWords()
+    app = build_gateway(gateway_settings(), FakeEngine(), last_words=keeper)
+    keeper.on_unprotected("keeper_busy")
+    with TestClient(app) as client:
+        text = client.get("/metrics").text
+    name = "batchserve_last_words_unprotected_connections_total"
+    assert f'{name}{{reason="keeper_busy"}} 1.0' in text.replace(',replica="local"', "")
+    assert f'{name}{{reason="keeper_gone"}} 0.0' in text.replace(',replica="local"', "")

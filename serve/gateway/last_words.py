@@ -106,9 +106,19 @@ class LastWords:
         self._full_logged = False
         self._gone = False
 
-    def start(self) -> None:
+    def start(self) -> bool:
         """Start the keeper (after the engine's processes were forked: they would inherit
-        the control socket otherwise)."""
+        the control socket otherwise). False, with a warning, where it cannot run (it needs
+        Linux's memfd and SOCK_SEQPACKET): the replica then serves without it."""
+        try:
+            self._start()
+        except (OSError, AttributeError) as exc:
+            log.warning("last words: no keeper on this system (%s); a replica that dies "
+                        "cuts its clients' connections", exc)  # fmt: skip
+            return False
+        return True
+
+    def _start(self) -> None:
         map_fd = os.memfd_create("batchserve-last-words")
         os.ftruncate(map_fd, self.slots)
         self._states = mmap.mmap(map_fd, self.slots)

@@ -244,3 +244,23 @@ def test_the_replicas_metrics_count_connections_that_go_without() -> None:
     name = "batchserve_last_words_unprotected_connections_total"
     assert f'{name}{{reason="keeper_busy"}} 1.0' in text.replace(',replica="local"', "")
     assert f'{name}{{reason="keeper_gone"}} 0.0' in text.replace(',replica="local"', "")
+
+
+def test_where_no_keeper_can_run_the_replica_serves_without(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """No memfd (macOS, say): a warning, and connections simply go without."""
+
+    def no_memfd(name: str) -> int:
+        raise AttributeError("module 'os' has no attribute 'memfd_create'")
+
+    monkeypatch.setattr(os, "memfd_create", no_memfd)
+    keeper = LastWords()
+    assert keeper.start() is False
+    assert "no keeper on this system" in caplog.text
+    server, client = socket.socketpair()
+    try:
+        assert keeper.register(cast(asyncio.Transport, _Transport(server))) is None
+    finally:
+        server.close()
+        client.close()

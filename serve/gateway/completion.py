@@ -15,6 +15,8 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Counter
+
 from serve.errors import (
     BatchserveError,
     ContextWindowExceeded,
@@ -27,7 +29,13 @@ from serve.gateway.request_record import RequestRecord
 from serve.gateway.tracing import current_trace_headers
 from serve.metrics import GatewayMetrics, yes_no
 from serve.protocol.sampling import SamplingRequest
-from serve.replica.engine import Engine, FinishReason, GenerateRequest, SamplingOptions
+from serve.replica.engine import (
+    Engine,
+    FinishReason,
+    GenerateRequest,
+    SamplingOptions,
+    TokenDelta,
+)
 
 # vLLM requires 0 < top_p <= 1 and repetition_penalty > 0; the Workers AI schema
 # allows 0..2 for both, so schema-legal values outside vLLM's range are mapped
@@ -159,22 +167,13 @@ class Completion:
     async def deltas(self) -> AsyncGenerator[str, None]:
         """Yield text deltas; aborts the engine request if the consumer stops early.
 
-        Per delta only a timestamp and a counter add; everything else is settled once
-        in `_settle`, on every exit path (finished, failed, client gone).
+        Per delta only a timestamp and a counter add; everything else is done once: the
+        start in `_begin`, the end in `_wind_up`, on every exit path (finished, failed,
+        client gone).
         """
-        if self._started:
-            raise RuntimeError("a completion is iterated once, and never after abandon()")
-        self._started = True
-        service, record, metrics = self._service, self.prepared.record, self._service.metrics
-        service.inflight += 1
-        service.running.add(self)
-        if service.closing is not None:  # the replica is about to stop: fail at once
-            self._ended = service.closing()
-        generated = metrics.generated_tokens.labels(metrics.model, record.plan, record.dialect)
-        self._submit(record, metrics)
+        stream, timer, generated = self._begin()
+        record = self.prepared.record
         keep = record.output
-        stream = service.engine.generate(self.prepared.request)
-        timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self.expire)
         finished = False
         try:
             while True:
@@ -188,8 +187,7 @@ class Completion:
                 except StopAsyncIteration:
                     break
                 except asyncio.CancelledError:
-                    task = self._ending_task
-                    if task is not None and task.uncancel() <= self._cancelling:
+                    if self._cancelled_by_end():
                         raise self._ended or RequestTimeout() from None  # ours, not the caller's
                     raise
                 finally:
@@ -215,16 +213,50 @@ class Completion:
             record.fail(exc)
             raise
         finally:
-            timer.cancel()
-            service.inflight -= 1
-            service.running.discard(self)
-            self._settle(record, metrics, finished)
-            try:
-                # Closing the engine stream is what aborts an unfinished engine request.
-                await stream.aclose()
-            finally:
-                if self.ticket is not None:  # before the caller writes the last byte
-                    await self._finish_ticket(self.ticket, finished)
+            await self._wind_up(stream, timer, finished)
+
+    def _begin(self) -> tuple[AsyncGenerator[TokenDelta, None], asyncio.TimerHandle, Counter]:
+        """Count the generation as running, record its submission, start the engine
+        request and the request timeout. Returns the engine's stream, the timer and the
+        generated-tokens counter of the request's labels."""
+        if self._started:
+            raise RuntimeError("a completion is iterated once, and never after abandon()")
+        self._started = True
+        service, record, metrics = self._service, self.prepared.record, self._service.metrics
+        service.inflight += 1
+        service.running.add(self)
+        if service.closing is not None:  # the replica is about to stop: fail at once
+            self._ended = service.closing()
+        generated = metrics.generated_tokens.labels(metrics.model, record.plan, record.dialect)
+        self._submit(record, metrics)
+        stream = service.engine.generate(self.prepared.request)
+        timer = asyncio.get_running_loop().call_later(service.request_timeout_s, self.expire)
+        return stream, timer, generated
+
+    def _cancelled_by_end(self) -> bool:
+        """Whether the cancel the wait for the engine just took is `end`'s (the timeout, a
+        stalled engine, the replica's stop) with no cancel of the caller's since: `end`'s
+        is taken back from the task (uncancel) either way."""
+        task = self._ending_task
+        return task is not None and task.uncancel() <= self._cancelling
+
+    async def _wind_up(
+        self, stream: AsyncGenerator[TokenDelta, None], timer: asyncio.TimerHandle, finished: bool
+    ) -> None:
+        """The end of `deltas`, whichever way it ended: the generation stops counting as
+        running and is settled, the engine stream closed (which aborts an unfinished engine
+        request), then this completion's share of the ticket ends."""
+        service, record = self._service, self.prepared.record
+        timer.cancel()
+        service.inflight -= 1
+        service.running.discard(self)
+        self._settle(record, service.metrics, finished)
+        try:
+            # Closing the engine stream is what aborts an unfinished engine request.
+            await stream.aclose()
+        finally:
+            if self.ticket is not None:  # before the caller writes the last byte
+                await self._finish_ticket(self.ticket, finished)
 
     async def abandon(self) -> None:
         """End a completion that never started: its request ended first (the client gone

@@ -170,12 +170,100 @@ def summarize(
 ) -> dict[str, Any]:
     if not results:
         return {"requests": 0}
+    ok = [r for r in results if r.ok]
+    duration = _duration_s(results)
+    summary: dict[str, Any] = {
+        **_outcomes(results, ok),
+        "duration_s": duration,
+        **_throughput(ok, duration, token_source),
+        "token_source": token_source,
+        "ms": _latencies_ms(results, ok, token_source, pcts),
+        "output_length": _output_length(ok, token_source),
+        "token_counts": _token_counts(ok),
+        "heartbeats": sum(r.heartbeats for r in results),
+    }
+    if slos:
+        summary["goodput"] = _slo_check(results, slos, duration, token_source)
+    return summary
+
+
+def _duration_s(results: Sequence[RequestResult]) -> float:
+    """From the first send to the last end (never 0: figures are divided by it)."""
     start = min(r.sent_offset_s for r in results)
     end = max(r.end_offset_s for r in results)
-    duration = max(end - start, 1e-9)
-    ok = [r for r in results if r.ok]
+    return max(end - start, 1e-9)
+
+
+def _outcomes(results: Sequence[RequestResult], ok: Sequence[RequestResult]) -> dict[str, Any]:
+    """How the requests ended: completed, failed (and why), refused with 429."""
+    return {
+        "requests": len(results),
+        "completed": len(ok),
+        "errors": len(results) - len(ok),
+        "error_rate": (len(results) - len(ok)) / len(results),
+        "errors_by_cause": errors_by_cause(results),
+        "rate_limited": sum(r.rate_limited for r in results),
+        "rate_limited_rate": sum(r.rate_limited for r in results) / len(results),
+    }
+
+
+def _throughput(
+    ok: Sequence[RequestResult], duration: float, token_source: str
+) -> dict[str, float]:
+    """Requests and tokens per second over the run, and the token totals they come from."""
     out_tokens = sum(r.output_tokens(token_source) for r in ok)
     in_tokens = sum(r.prompt_tokens_server or r.prompt_tokens_client for r in ok)
+    return {
+        "request_throughput_rps": len(ok) / duration,
+        "output_token_throughput_tps": out_tokens / duration,
+        "total_token_throughput_tps": (out_tokens + in_tokens) / duration,
+        "output_tokens": out_tokens,
+        "prompt_tokens": in_tokens,
+    }
+
+
+def _latencies_ms(
+    results: Sequence[RequestResult],
+    ok: Sequence[RequestResult],
+    token_source: str,
+    pcts: Sequence[float],
+) -> dict[str, dict[str, float]]:
+    """The distribution of every latency, in ms: successful requests only, but for the
+    dispatch lag (every request) and the refusal time (the refused ones)."""
+
+    def dist(xs: Iterable[float | None]) -> dict[str, float]:
+        return distribution(_ms(xs), pcts)
+
+    return {
+        "ttfb": dist(r.ttfb_s for r in ok),
+        "ttft": dist(r.ttft_s for r in ok),
+        "icl": dist(x for r in ok for x in r.icl_s),
+        "itl": dist(x for r in ok for x in r.itl_s),
+        "tpot": dist(r.tpot_s(token_source) for r in ok),
+        "e2e": dist(r.e2e_s for r in ok),
+        "ttft_sched": dist(r.ttft_sched_s for r in ok),
+        "e2e_sched": dist(r.e2e_sched_s for r in ok),
+        "dispatch_lag": dist(r.dispatch_lag_s for r in results),
+        # How long a refused request took to be refused (429), from its send.
+        "refusal": dist(r.e2e_s for r in results if r.rate_limited),
+    }
+
+
+def _output_length(ok: Sequence[RequestResult], token_source: str) -> dict[str, Any]:
+    """Output tokens asked for against those received."""
+    realised = [r.output_tokens(token_source) for r in ok]
+    requested = [r.requested_output_tokens for r in ok]
+    short = sum(1 for a, b in zip(realised, requested, strict=True) if a < b)
+    return {
+        # None, not NaN, without a successful request
+        "requested_mean": sum(requested) / len(requested) if requested else None,
+        "realised_mean": sum(realised) / len(realised) if realised else None,
+        "requests_shorter_than_requested": short,
+    }
+
+
+def _token_counts(ok: Sequence[RequestResult]) -> dict[str, Any]:
+    """The server's output token counts against the client's, where both counted."""
     both = [
         r for r in ok if r.output_tokens_server is not None and r.output_tokens_client is not None
     ]
@@ -185,63 +273,24 @@ def summarize(
         if abs((r.output_tokens_server or 0) - (r.output_tokens_client or 0))
         > DISAGREEMENT_TOLERANCE * max(r.output_tokens_server or 0, 1)
     ]
-    realised = [r.output_tokens(token_source) for r in ok]
-    requested = [r.requested_output_tokens for r in ok]
-    short = sum(1 for a, b in zip(realised, requested, strict=True) if a < b)
-
-    def dist(xs: Iterable[float | None]) -> dict[str, float]:
-        return distribution(_ms(xs), pcts)
-
-    summary: dict[str, Any] = {
-        "requests": len(results),
-        "completed": len(ok),
-        "errors": len(results) - len(ok),
-        "error_rate": (len(results) - len(ok)) / len(results),
-        "errors_by_cause": errors_by_cause(results),
-        "rate_limited": sum(r.rate_limited for r in results),
-        "rate_limited_rate": sum(r.rate_limited for r in results) / len(results),
-        "duration_s": duration,
-        "request_throughput_rps": len(ok) / duration,
-        "output_token_throughput_tps": out_tokens / duration,
-        "total_token_throughput_tps": (out_tokens + in_tokens) / duration,
-        "output_tokens": out_tokens,
-        "prompt_tokens": in_tokens,
-        "token_source": token_source,
-        "ms": {
-            "ttfb": dist(r.ttfb_s for r in ok),
-            "ttft": dist(r.ttft_s for r in ok),
-            "icl": dist(x for r in ok for x in r.icl_s),
-            "itl": dist(x for r in ok for x in r.itl_s),
-            "tpot": dist(r.tpot_s(token_source) for r in ok),
-            "e2e": dist(r.e2e_s for r in ok),
-            "ttft_sched": dist(r.ttft_sched_s for r in ok),
-            "e2e_sched": dist(r.e2e_sched_s for r in ok),
-            "dispatch_lag": dist(r.dispatch_lag_s for r in results),
-            # How long a refused request took to be refused (429), from its send.
-            "refusal": dist(r.e2e_s for r in results if r.rate_limited),
-        },
-        "output_length": {
-            # None, not NaN, without a successful request
-            "requested_mean": sum(requested) / len(requested) if requested else None,
-            "realised_mean": sum(realised) / len(realised) if realised else None,
-            "requests_shorter_than_requested": short,
-        },
-        "token_counts": {
-            "compared": len(both),
-            "server_total": sum(r.output_tokens_server or 0 for r in both),
-            "client_total": sum(r.output_tokens_client or 0 for r in both),
-            "disagreeing_requests": len(disagree),
-            "disagreement": bool(disagree),
-        },
-        "heartbeats": sum(r.heartbeats for r in results),
+    return {
+        "compared": len(both),
+        "server_total": sum(r.output_tokens_server or 0 for r in both),
+        "client_total": sum(r.output_tokens_client or 0 for r in both),
+        "disagreeing_requests": len(disagree),
+        "disagreement": bool(disagree),
     }
-    if slos:
-        gp = goodput(results, slos, duration, token_source)
-        checks = {s.describe(): s.run_value_ms(results, token_source) for s in slos}
-        summary["goodput"] = {
-            **gp,
-            "slos": [s.describe() for s in slos],
-            "run_values_ms": checks,
-            "met": all(v <= s.threshold_ms for s, v in zip(slos, checks.values(), strict=True)),
-        }
-    return summary
+
+
+def _slo_check(
+    results: Sequence[RequestResult], slos: Sequence[Slo], duration: float, token_source: str
+) -> dict[str, Any]:
+    """Goodput under `slos`, each SLO's value over the run, and whether all were met."""
+    gp = goodput(results, slos, duration, token_source)
+    checks = {s.describe(): s.run_value_ms(results, token_source) for s in slos}
+    return {
+        **gp,
+        "slos": [s.describe() for s in slos],
+        "run_values_ms": checks,
+        "met": all(v <= s.threshold_ms for s, v in zip(slos, checks.values(), strict=True)),
+    }

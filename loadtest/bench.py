@@ -44,7 +44,7 @@ from loadtest.metrics import summarize
 from loadtest.profile import profile_during
 from loadtest.schedule import ClosedLoop
 from loadtest.targets import Dialect, Target
-from loadtest.workloads import HFTokenizer, LengthDist, synthetic
+from loadtest.workloads import HFTokenizer, LengthDist, Session, synthetic
 
 BATCHSERVE_MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
 REFERENCE = "bare vLLM"
@@ -404,7 +404,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__)
     p.add_argument("--model", type=Path, help="checkpoint dir (default: the tiny Qwen2)")
     p.add_argument("--rounds", type=int, default=7)
@@ -427,115 +427,194 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="NAME[:tree=DIR][:KEY=VALUE]...",
                    help="A/B: add `batchserve NAME` run from a copy of the repo and/or with "
                         "extra env (repeatable)")  # fmt: skip
-    ns = p.parse_args(argv)
+    return p
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run measures: which stacks (the ratios' reference among them), on which model,
+    with which requests; `work` holds the model, the stacks' logs and the profiles."""
+
+    names: list[str]
+    reference: str
+    work: Path
+    model: Path
+    tok: HFTokenizer
+    sessions: list[Session]
+
+    @classmethod
+    def of(cls, ns: argparse.Namespace) -> Plan:
+        names = [n.strip() for n in ns.stacks.split(",") if n.strip()]
+        names += [v.name for v in ns.variant if v.name not in names]
+        reference = REFERENCE if REFERENCE in names else names[0]
+        work = (ns.out_dir / "work").resolve()
+        work.mkdir(parents=True, exist_ok=True)
+        model = (ns.model or build_model(work)).resolve()
+        tok = HFTokenizer(model)
+        n = max(s * REQUESTS_PER_STREAM[s] for s in STREAMS)
+        sessions = synthetic(tok, n, LengthDist.parse(ns.input_len),
+                             LengthDist.parse(ns.output_len), seed=0, raw=False)  # fmt: skip
+        return cls(names, reference, work, model, tok, sessions)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What the stacks measured: the machine's CPU use with all of them idle, one entry per
+    burst, the cross-check with vllm.benchmarks and the profiles ({} when not run)."""
+
+    idle: float
+    runs: list[dict[str, Any]]
+    check: dict[str, Any]
+    profiles: dict[str, Any]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = parser().parse_args(argv)
     # Stop every stack on SIGINT or SIGTERM, also when started in the background (where the
     # shell leaves SIGINT ignored).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    names = [n.strip() for n in ns.stacks.split(",") if n.strip()]
-    names += [v.name for v in ns.variant if v.name not in names]
-    reference = REFERENCE if REFERENCE in names else names[0]
-    work = (ns.out_dir / "work").resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    model = (ns.model or build_model(work)).resolve()
-    tok = HFTokenizer(model)
-    n = max(s * REQUESTS_PER_STREAM[s] for s in STREAMS)
-    sessions = synthetic(tok, n, LengthDist.parse(ns.input_len),
-                         LengthDist.parse(ns.output_len), seed=0, raw=False)  # fmt: skip
-    runs: list[dict[str, Any]] = []
-    check: dict[str, Any] = {}
-    profiles: dict[str, Any] = {}
+    plan = Plan.of(ns)
     started = datetime.now(UTC)
     with ExitStack() as es:
         tmp = Path(es.enter_context(tempfile.TemporaryDirectory(prefix="bh-")))
         t0 = time.monotonic()
-        stacks = start_stacks(es, stack_specs(model, work, tmp, names, ns.variant), work)
+        specs = stack_specs(plan.model, plan.work, tmp, plan.names, ns.variant)
+        stacks = start_stacks(es, specs, plan.work)
         print(f"{len(stacks)} stacks up in {time.monotonic() - t0:.0f} s", flush=True)
-        for s in stacks:  # one unmeasured burst each
-            burst(s, sessions, 8, tok)
-        idle = wait_idle()
-        print(f"CPU busy {idle:.0%} with every stack idle", flush=True)
-        for rnd in range(ns.rounds):
-            for streams in STREAMS:
-                k = rnd % len(stacks)  # a, b, c, d, then b, c, d, a, ...
-                order = stacks[k:] + stacks[:k]
-                for s in order:
-                    others = [o for o in stacks if o is not s] if ns.freeze_idle else []
-                    with frozen(others):
-                        before = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
-                        summary = burst(s, sessions, streams, tok)
-                        after = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
-                    summary["cpu_s"] = cpu_share.spent(before[s.name], after[s.name])
-                    summary["cpu_s_other_stacks"] = sum(
-                        sum(cpu_share.spent(before[o.name], after[o.name]).values())
-                        for o in stacks if o is not s)  # fmt: skip
-                    runs.append({"round": rnd, "stack": s.name, "streams": streams,
-                                 "summary": summary})  # fmt: skip
-                    print(f"round {rnd} {s.name:>20} {streams:>2} streams: "
-                          f"{_get(summary, 'output_token_throughput_tps') or 0.0:7.1f} tok/s, "
-                          f"TTFT p50 {_cell(_get(summary, 'ms', 'ttft', 'p50'), '6.0f')} ms, "
-                          f"errors {summary.get('errors', 0)}", flush=True)  # fmt: skip
-        if ns.crosscheck and REFERENCE in names:
-            vllm = next(s for s in stacks if s.name == REFERENCE)
-            check = crosscheck(vllm.target, sessions[:64], 8)
-            print(f"cross-check vs vllm.benchmarks at 8 streams: throughput ratio "
-                  f"{check['throughput_ratio']:.3f}, TTFT p50 ratio "
-                  f"{check['ttft_p50_ratio']:.3f} (our TTFB p50 / their TTFT p50 "
-                  f"{check['our_ttfb_p50_vs_their_ttft_p50']:.3f})", flush=True)  # fmt: skip
-        if ns.profile:
-            for s in stacks:
-                slug = s.name.replace(" ", "-").lower()
+        measured = measure(stacks, plan, ns)
+    write_report(ns, plan, started, measured)
+    return 0
 
-                def bursts(st: Stack = s) -> None:
-                    t_end = time.monotonic() + PROFILE_S - 1
-                    while time.monotonic() < t_end:
-                        burst(st, sessions, 32, tok)
 
-                with frozen([o for o in stacks if o is not s] if ns.freeze_idle else []):
-                    prof = profile_during(s.pid, work / f"profile-{slug}.txt", PROFILE_S, bursts)
-                profiles[s.name] = prof
-                print(f"profile {s.name}: {prof.get('samples')} samples; by process "
-                      f"{[(k, round(v, 3)) for k, v in prof.get('by_process', [])[:6]]}",
-                      flush=True)  # fmt: skip
-    rows = aggregate(runs, reference)
-    cpu = cpu_rows(runs)
+def measure(stacks: list[Stack], plan: Plan, ns: argparse.Namespace) -> Measured:
+    """Warm every stack up, run the rounds, then the cross-check and the profiles if asked."""
+    for s in stacks:  # one unmeasured burst each
+        burst(s, plan.sessions, 8, plan.tok)
+    idle = wait_idle()
+    print(f"CPU busy {idle:.0%} with every stack idle", flush=True)
+    runs = run_rounds(stacks, plan, ns.rounds, freeze_idle=ns.freeze_idle)
+    check = cross_check(stacks, plan) if ns.crosscheck and REFERENCE in plan.names else {}
+    profiles = profile_stacks(stacks, plan, freeze_idle=ns.freeze_idle) if ns.profile else {}
+    return Measured(idle, runs, check, profiles)
+
+
+def run_rounds(
+    stacks: list[Stack], plan: Plan, rounds: int, *, freeze_idle: bool
+) -> list[dict[str, Any]]:
+    """Each round: every stream count on every stack, the stacks' order rotated by one a round
+    (a, b, c, d, then b, c, d, a, ...). One entry per burst."""
+    runs: list[dict[str, Any]] = []
+    for rnd in range(rounds):
+        for streams in STREAMS:
+            k = rnd % len(stacks)
+            for s in stacks[k:] + stacks[:k]:
+                summary = measured_burst(s, stacks, plan, streams, freeze_idle=freeze_idle)
+                runs.append({"round": rnd, "stack": s.name, "streams": streams,
+                             "summary": summary})  # fmt: skip
+                print(f"round {rnd} {s.name:>20} {streams:>2} streams: "
+                      f"{_get(summary, 'output_token_throughput_tps') or 0.0:7.1f} tok/s, "
+                      f"TTFT p50 {_cell(_get(summary, 'ms', 'ttft', 'p50'), '6.0f')} ms, "
+                      f"errors {summary.get('errors', 0)}", flush=True)  # fmt: skip
+    return runs
+
+
+def measured_burst(
+    s: Stack, stacks: list[Stack], plan: Plan, streams: int, *, freeze_idle: bool
+) -> dict[str, Any]:
+    """One burst on `s` (the other stacks frozen if `freeze_idle`), its summary with the CPU
+    time `s` spent by process kind (`cpu_s`) and all the other stacks' (`cpu_s_other_stacks`)."""
+    others = [o for o in stacks if o is not s] if freeze_idle else []
+    with frozen(others):
+        before = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
+        summary = burst(s, plan.sessions, streams, plan.tok)
+        after = {st.name: cpu_share.snapshot(st.pid) for st in stacks}
+    summary["cpu_s"] = cpu_share.spent(before[s.name], after[s.name])
+    summary["cpu_s_other_stacks"] = sum(
+        sum(cpu_share.spent(before[o.name], after[o.name]).values())
+        for o in stacks if o is not s)  # fmt: skip
+    return summary
+
+
+def cross_check(stacks: list[Stack], plan: Plan) -> dict[str, Any]:
+    """Our client against vllm.benchmarks' on bare vLLM, at 8 streams."""
+    vllm = next(s for s in stacks if s.name == REFERENCE)
+    check = crosscheck(vllm.target, plan.sessions[:64], 8)
+    print(f"cross-check vs vllm.benchmarks at 8 streams: throughput ratio "
+          f"{check['throughput_ratio']:.3f}, TTFT p50 ratio "
+          f"{check['ttft_p50_ratio']:.3f} (our TTFB p50 / their TTFT p50 "
+          f"{check['our_ttfb_p50_vs_their_ttft_p50']:.3f})", flush=True)  # fmt: skip
+    return check
+
+
+def profile_stacks(stacks: list[Stack], plan: Plan, *, freeze_idle: bool) -> dict[str, Any]:
+    """py-spy each stack for PROFILE_S during back-to-back 32-stream bursts."""
+    profiles: dict[str, Any] = {}
+    for s in stacks:
+        slug = s.name.replace(" ", "-").lower()
+
+        def bursts(st: Stack = s) -> None:
+            t_end = time.monotonic() + PROFILE_S - 1
+            while time.monotonic() < t_end:
+                burst(st, plan.sessions, 32, plan.tok)
+
+        with frozen([o for o in stacks if o is not s] if freeze_idle else []):
+            prof = profile_during(s.pid, plan.work / f"profile-{slug}.txt", PROFILE_S, bursts)
+        profiles[s.name] = prof
+        print(f"profile {s.name}: {prof.get('samples')} samples; by process "
+              f"{[(k, round(v, 3)) for k, v in prof.get('by_process', [])[:6]]}",
+              flush=True)  # fmt: skip
+    return profiles
+
+
+def write_report(ns: argparse.Namespace, plan: Plan, started: datetime, measured: Measured) -> None:
+    """Print the tables; write the results (JSON) and a page with the throughput chart (HTML)
+    to the output folder."""
+    rows = aggregate(measured.runs, plan.reference)
+    cpu = cpu_rows(measured.runs)
     text = table(rows)
     print(text)
     print(f"\nCPU at 32 streams:\n{cpu_table(cpu)}")
     stamp = started.strftime("%Y%m%dT%H%M%SZ")
-    doc = {
+    doc: dict[str, Any] = {
         "schema": report.SCHEMA + "+bench",
         "created": started.isoformat(timespec="seconds"),
         "versions": {**report.versions(), **stack_versions()},
         "machine": machine(),
-        "config": {"model": str(model), "rounds": ns.rounds, "input_len": ns.input_len,
-                   "stacks": names, "reference": reference, "idle_cpu_busy": idle,
-                   "idle_stacks_frozen": ns.freeze_idle,
-                   "variants": [{"name": v.name, "tree": str(v.tree or ""), "env": v.env}
-                                for v in ns.variant],
-                   "output_len": ns.output_len, "streams": STREAMS,
-                   "requests_per_stream": REQUESTS_PER_STREAM, "dialect": "openai-chat"},
+        "config": run_config(ns, plan, measured.idle),
         "rows": rows,
         "cpu_32_streams": cpu,
         "cpu_table_markdown": cpu_table(cpu),
-        "crosscheck_vllm_bench": check,
-        "profiles": profiles,
-        "runs": runs,
+        "crosscheck_vllm_bench": measured.check,
+        "profiles": measured.profiles,
+        "runs": measured.runs,
         "table_markdown": text,
-    }  # fmt: skip
+    }
     out = ns.out_dir / f"results-{stamp}.json"
     out.write_text(report.dumps(doc, indent=2))
+    out.with_suffix(".html").write_text(html_page(doc["created"], text, rows, plan.names))
+    print(f"wrote {out} and {out.with_suffix('.html')}")
+
+
+def run_config(ns: argparse.Namespace, plan: Plan, idle: float) -> dict[str, Any]:
+    return {"model": str(plan.model), "rounds": ns.rounds, "input_len": ns.input_len,
+            "stacks": plan.names, "reference": plan.reference, "idle_cpu_busy": idle,
+            "idle_stacks_frozen": ns.freeze_idle,
+            "variants": [{"name": v.name, "tree": str(v.tree or ""), "env": v.env}
+                         for v in ns.variant],
+            "output_len": ns.output_len, "streams": STREAMS,
+            "requests_per_stream": REQUESTS_PER_STREAM, "dialect": "openai-chat"}  # fmt: skip
+
+
+def html_page(created: str, text: str, rows: list[dict[str, Any]], names: list[str]) -> str:
     series = {
         name: [(float(r["streams"]), r["tps"]["median"]) for r in rows if r["stack"] == name]
         for name in names
     }
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>make bench</title></head>"
-            f"<body><h1>make bench {doc['created']}</h1><pre>{text}</pre>"
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>make bench</title></head>"
+            f"<body><h1>make bench {created}</h1><pre>{text}</pre>"
             + report.line_chart(series, "streams", "output tok/s (median)", "throughput")
             + "</body></html>")  # fmt: skip
-    out.with_suffix(".html").write_text(page)
-    print(f"wrote {out} and {out.with_suffix('.html')}")
-    return 0
 
 
 if __name__ == "__main__":

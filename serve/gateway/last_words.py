@@ -32,6 +32,7 @@ duplicate would otherwise keep the connection open after the server closed it).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -72,20 +73,40 @@ def answers() -> tuple[bytes, bytes, bytes]:
     return raw_error_response(err), workers_ai, openai
 
 
-class Slot:
-    """One connection's byte in the shared map."""
+# What sending to the keeper fails with once it is gone (anything else passes).
+_KEEPER_GONE: Final = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
+_RELEASED: Final = object()  # the owner of a slot whose connection ended: nobody's
 
-    __slots__ = ("_states", "fd", "index", "inode", "transport")
+
+class Slot:
+    """One connection's byte in the shared map. Only the request that owns it writes it:
+    the app of an earlier request on the connection may still run after its response
+    (background work, Serve's hop back from the user-code thread), and after the
+    connection ended its index goes to another connection."""
+
+    __slots__ = ("_states", "fd", "index", "inode", "owner", "transport")
 
     def __init__(self, index: int, transport: Transport, fd: int, states: mmap.mmap) -> None:
         self.index = index
         self.transport = transport
         self.fd = fd
         self.inode = os.fstat(fd).st_ino  # to know the socket again (descriptors are reused)
+        self.owner: object = None
         self._states = states
 
-    def mark(self, state: State) -> None:
-        self._states[self.index] = state
+    def claim(self, owner: object, state: State) -> None:
+        """A new request on this connection: it owns the byte from now on."""
+        if self.owner is not _RELEASED:
+            self.owner = owner
+            self._states[self.index] = state
+
+    def mark(self, owner: object, state: State) -> None:
+        if self.owner is owner:
+            self._states[self.index] = state
+
+    def release(self) -> None:
+        """The connection ended: nobody writes its byte any more."""
+        self.owner = _RELEASED
 
     def flushed(self) -> bool:
         """Whether every byte written so far is in the kernel's hands."""
@@ -162,12 +183,11 @@ class LastWords:
         try:
             slot = Slot(index, transport, sock.fileno(), self._states)
             socket.send_fds(self._control, [b"R" + index.to_bytes(4, "big")], [slot.fd])
-        except BlockingIOError:  # the keeper is behind: this connection goes without
+        except OSError as exc:
             self._free.append(index)
-            self.on_unprotected("keeper_busy")
-            return None
-        except OSError as exc:  # the keeper is gone: every connection goes without
-            self._free.append(index)
+            if exc.errno not in _KEEPER_GONE:  # behind, or short of buffers: this one goes
+                self.on_unprotected("keeper_busy")  # without, the next may not
+                return None
             log.error("last words: the keeper is gone (%s); connections go without", exc)
             self._control.close()
             self._control, self._gone = None, True
@@ -177,7 +197,9 @@ class LastWords:
 
     def release(self, slot: Slot) -> None:
         """The connection ended: make sure its end reaches the peer, then free the slot."""
-        slot.mark(State.IDLE)
+        slot.release()
+        if self._states is not None:
+            self._states[slot.index] = State.IDLE
         _shut_down(slot)
         if self._control is not None:
             # Lost (the keeper's socket full): it closes its copy when the slot is taken again.
@@ -266,23 +288,27 @@ class LastWordsMarks:
             return
         events = _EVENT_STATES[dialect_of(scope["path"])]
         boundary = State.BUSY  # what this response's boundaries allow the keeper
+        me = object()  # this request, as the slot's owner
 
         async def marked(message: Message) -> None:
             nonlocal boundary
             if message["type"] == "http.response.start":
                 boundary = events if _chunked_events(scope, message) else State.BUSY
-            slot.mark(State.BUSY)
+            slot.mark(me, State.BUSY)
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
-                slot.mark(State.IDLE)
+                slot.mark(me, State.IDLE)
             elif slot.flushed():
-                slot.mark(boundary)
+                slot.mark(me, boundary)
 
-        slot.mark(State.FRESH)
+        # A full 502 only where it is one: not after HEAD (no body), nor behind the
+        # unsent tail of a pipelined request's answer.
+        fresh = scope["method"] != "HEAD" and slot.flushed()
+        slot.claim(me, State.FRESH if fresh else State.BUSY)
         try:
             await self.app(scope, receive, marked)
         finally:
-            slot.mark(State.IDLE)
+            slot.mark(me, State.IDLE)
 
 
 def _chunked_events(scope: Scope, start: Message) -> bool:

@@ -35,9 +35,11 @@ ended).
 from __future__ import annotations
 
 import array
+import contextlib
 import enum
 import mmap
 import os
+import resource
 import select
 import selectors
 import signal
@@ -239,6 +241,11 @@ def main(argv: list[str]) -> int:
     # process leaves when the replica does.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Room for a duplicate of every connection the replica may hand over (beyond its limit
+    # the kernel would drop a passed descriptor).
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):  # an unlimited hard limit: keep ours
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     parent, control_fd, map_fd, slots = (int(a) for a in argv[1:5])
     control = socket.socket(fileno=control_fd)
     states = mmap.mmap(map_fd, slots)

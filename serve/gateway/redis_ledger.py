@@ -319,14 +319,17 @@ class RedisLedger:
             log.warning("usage ledger owner %s not marked gone (%s)", self.owner,
                         type(err).__name__)  # fmt: skip
         if self._fallback is not None:
-            await self._hand_on_at_stop()
-            await self._fallback.stop()
+            try:
+                await self._hand_on_at_stop()
+            finally:
+                await self._fallback.stop()
 
     async def _hand_on_at_stop(self) -> None:
-        """A last hand-on of the fallback's records (for up to `_STOP_HAND_ON_S`); what
-        Redis could not take is logged, one JSON record a line: the fallback may live in the
-        pod's own storage, gone with it (a later replica sharing the file hands them on,
-        and Redis counts one already there once)."""
+        """A last hand-on of the fallback's final records (for up to `_STOP_HAND_ON_S`);
+        those Redis could not take are logged, one JSON record a line: the fallback may
+        live in the pod's own storage, gone with it (a later replica sharing the file hands
+        them on, and Redis counts one already there once). Open entries are not: requests
+        still running here are ended, and recorded, before the ledger stops."""
         from redis.exceptions import RedisError
 
         assert self._fallback is not None
@@ -338,7 +341,11 @@ class RedisLedger:
         except (RedisError, OSError, TimeoutError, sqlite3.Error) as err:
             log.warning("usage records of the local fallback not handed on at stop (%s)",
                         type(err).__name__)  # fmt: skip
-        left = await self._fallback.oldest(_LOGGED_AT_STOP)
+        try:
+            left = await self._fallback.oldest(_LOGGED_AT_STOP)
+        except sqlite3.Error as err:
+            log.error("usage records of the local fallback unreadable at stop (%s)", err)
+            return
         if not left:
             return
         log.error("%s%d usage records written while Redis was away are still only in the "

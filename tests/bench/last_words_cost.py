@@ -59,6 +59,7 @@ async def main(writes: int, rounds: int) -> None:
     states = mmap.mmap(-1, 16)
     slot = Slot.__new__(Slot)  # no socket behind it: only the per-write path is timed
     slot.index, slot.transport, slot._states = 1, cast(Any, _Transport()), states
+    slot.owner = None
     scope: Scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
                     "extensions": {SLOT_EXTENSION: {"slot": slot}}}  # fmt: skip
     bare, marked = _streamer(writes), LastWordsMarks(_streamer(writes))

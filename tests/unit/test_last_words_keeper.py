@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import mmap
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
-from typing import cast
+from typing import Any, cast
 
 import psutil
 import pytest
@@ -23,7 +24,7 @@ from fastapi.testclient import TestClient
 
 from serve.cluster import build_gateway
 from serve.gateway import last_words_keeper
-from serve.gateway.last_words import LastWords, answers
+from serve.gateway.last_words import SLOT_EXTENSION, LastWords, LastWordsMarks, Slot, answers
 from serve.gateway.last_words_keeper import (
     DEADLINE_S,
     END_OF_CHUNKS,
@@ -262,5 +263,136 @@ def test_where_no_keeper_can_run_the_replica_serves_without(
     try:
         assert keeper.register(cast(asyncio.Transport, _Transport(server))) is None
     finally:
+        server.close()
+        client.close()
+
+
+class _Flushed:
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _slot(states: mmap.mmap) -> Slot:
+    server, client = socket.socketpair()
+    try:
+        return Slot(1, cast(asyncio.Transport, _Flushed()), server.fileno(), states)
+    finally:
+        server.close()
+        client.close()
+
+
+def _scope(method: str = "POST") -> dict[str, object]:
+    return {"type": "http", "method": method, "path": "/v1/completions",
+            "extensions": {SLOT_EXTENSION: {"slot": None}}}  # fmt: skip
+
+
+async def _nothing(message: object) -> None:
+    return None
+
+
+async def _disconnect() -> dict[str, str]:
+    return {"type": "http.disconnect"}
+
+
+def _request(slot: Slot, app: object, method: str = "POST") -> object:
+    scope = _scope(method)
+    scope["extensions"] = {SLOT_EXTENSION: {"slot": slot}}
+    return LastWordsMarks(cast(Any, app))(cast(Any, scope), cast(Any, _disconnect), _nothing)
+
+
+def test_an_earlier_requests_app_cannot_overwrite_the_next_requests_state() -> None:
+    """uvicorn starts a kept-alive connection's next request once the previous response is
+    complete, while that request's app may still run (background work, Serve's hop back
+    from the user-code thread): its end must not mark the new request's byte IDLE, which
+    left the new request without an answer (found by review; reproduced with uvicorn)."""
+    states = mmap.mmap(-1, 16)
+    slot = _slot(states)
+
+    async def scenario() -> None:
+        finish = asyncio.Event()
+
+        async def answered_then_busy(scope: object, receive: object, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            await finish.wait()  # the response is complete; the app is not
+
+        async def waits(scope: object, receive: object, send: Any) -> None:
+            await asyncio.sleep(10)
+
+        first = asyncio.ensure_future(cast(Any, _request(slot, answered_then_busy)))
+        await asyncio.sleep(0)
+        second = asyncio.ensure_future(cast(Any, _request(slot, waits)))
+        await asyncio.sleep(0)
+        assert states[1] == State.FRESH
+        finish.set()
+        await first
+        assert states[1] == State.FRESH  # still the second request's
+        second.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await second
+
+    asyncio.run(scenario())
+
+
+def test_a_released_connections_requests_no_longer_write_its_byte() -> None:
+    """After the connection ended its index belongs to the next connection: a request of
+    the old one still winding up (shielded cleanup) must leave it alone."""
+    states = mmap.mmap(-1, 16)
+    slot = _slot(states)
+
+    async def scenario() -> None:
+        go_on = asyncio.Event()
+
+        async def stream_after_the_end(scope: object, receive: object, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+            await go_on.wait()
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+
+        old = asyncio.ensure_future(cast(Any, _request(slot, stream_after_the_end)))
+        await asyncio.sleep(0)
+        slot.release()  # the connection ended
+        states[1] = State.FRESH  # the next connection's request, in the same index
+        go_on.set()
+        await old
+        assert states[1] == State.FRESH
+
+    asyncio.run(scenario())
+
+
+def test_a_head_request_is_never_answered_with_a_body() -> None:
+    states = mmap.mmap(-1, 16)
+    slot = _slot(states)
+
+    async def scenario() -> None:
+        async def waits(scope: object, receive: object, send: Any) -> None:
+            assert states[1] == State.BUSY  # closed, not answered, should the replica die
+
+        await cast(Any, _request(slot, waits, method="HEAD"))
+
+    asyncio.run(scenario())
+
+
+def test_a_transient_send_error_is_not_taken_for_a_dead_keeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    server, client = socket.socketpair()
+    transport = cast(asyncio.Transport, _Transport(server))
+    keeper = LastWords()
+    reasons: list[str] = []
+    keeper.on_unprotected = reasons.append
+    keeper.start()
+    try:
+
+        def short_of_buffers(*args: object) -> int:
+            raise OSError(errno.ENOBUFS, "No buffer space available")
+
+        with monkeypatch.context() as m:
+            m.setattr(socket, "send_fds", short_of_buffers)
+            assert keeper.register(transport) is None
+        assert reasons == ["keeper_busy"]
+        assert keeper.register(transport) is not None  # the keeper still takes the next
+    finally:
+        keeper.close()
         server.close()
         client.close()

@@ -237,14 +237,20 @@ def cmd_up(ns: argparse.Namespace) -> int:
     # Set once the stack answers (HAProxy serves as soon as a replica is up, before Serve
     # reports the application running and `cluster.start` returns).
     serving = threading.Event()
+    deferred: list[threading.Timer] = []  # a stop waiting for the start-up's end
 
     def on_signal(signum: int, _frame: object) -> None:
         first = not stop.is_set()
         stop.set()
         if first and serving.is_set() and interruptible.is_set():
-            # Clients may be served already: let the start-up return, then drain.
+            # Clients may be served already: let the start-up return, then drain; a start-up
+            # that outlasts the drain budget (a replica that never gets ready) is cut short.
             print("stopping batchserve once its start-up returns (press Ctrl-C again to "
                   "stop at once) ...", flush=True)  # fmt: skip
+            deferred.append(threading.Timer(settings.graceful_shutdown_timeout_s, os.kill,
+                                            (os.getpid(), signal.SIGINT)))  # fmt: skip
+            deferred[0].daemon = True
+            deferred[0].start()
             return
         if interruptible.is_set():
             interruptible.clear()
@@ -273,6 +279,8 @@ def cmd_up(ns: argparse.Namespace) -> int:
         finally:
             started.set()
         interruptible.clear()
+        for timer in deferred:
+            timer.cancel()
         ready = _wait_ready(healthz, 900, stop)
         if not ready and not stop.is_set():
             print("batchserve did not become healthy in time", file=sys.stderr)

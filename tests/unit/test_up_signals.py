@@ -202,3 +202,24 @@ def test_ray_init_handing_sigterm_to_ray_is_undone_before_the_deploy(
     monkeypatch.setattr(FakeCluster, "start", start)
     assert up() == 0
     assert seen and seen[0] not in (signal.SIG_DFL, signal.SIG_IGN)
+
+
+def test_a_deferred_stop_does_not_wait_for_a_start_up_that_never_ends(
+    up: Callable[[], int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving, then a signal: the stop waits for the start-up, but no longer than the
+    drain budget (5 s here), after which the start-up is interrupted."""
+
+    def serving_at_once(url: str, serving: threading.Event, done: threading.Event) -> None:
+        serving.set()
+
+    def start_that_hangs() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # a replica that never gets ready
+
+    monkeypatch.setattr(cli, "_watch_serving", serving_at_once)
+    monkeypatch.setattr(FakeCluster, "on_start", staticmethod(start_that_hangs))
+    started = time.monotonic()
+    assert up() == 130
+    assert 4 < time.monotonic() - started < 15
+    assert FakeCluster.instances[0].calls == ["start", "stop", "stopped"]

@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import psutil
@@ -214,26 +215,42 @@ def test_a_keeper_not_started_or_full_takes_no_connection(
         client.close()
 
 
-def test_a_keeper_that_died_is_noticed_once(caplog: pytest.LogCaptureFixture) -> None:
+@dataclass
+class LiveKeeper:
+    """A started keeper, a connection to hand it, and the reasons it counted."""
+
+    keeper: LastWords
+    transport: asyncio.Transport
+    reasons: list[str]
+
+
+@pytest.fixture
+def live_keeper() -> Iterator[LiveKeeper]:
     server, client = socket.socketpair()
-    transport = cast(asyncio.Transport, _Transport(server))
     keeper = LastWords()
     reasons: list[str] = []
     keeper.on_unprotected = reasons.append
     keeper.start()
     try:
-        assert keeper.pid is not None
-        os.kill(keeper.pid, signal.SIGKILL)
-        psutil.Process(keeper.pid).wait(5)  # its end of the control socket is closed
-        assert keeper.register(transport) is None
-        assert keeper.register(transport) is None
-        gone = [r for r in caplog.records if "the keeper is gone" in r.getMessage()]
-        assert len(gone) == 1 and gone[0].levelname == "ERROR"
-        assert reasons == ["keeper_gone", "keeper_gone"]  # every connection since counts
+        yield LiveKeeper(keeper, cast(asyncio.Transport, _Transport(server)), reasons)
     finally:
         keeper.close()
         server.close()
         client.close()
+
+
+def test_a_keeper_that_died_is_noticed_once(
+    live_keeper: LiveKeeper, caplog: pytest.LogCaptureFixture
+) -> None:
+    keeper, transport = live_keeper.keeper, live_keeper.transport
+    assert keeper.pid is not None
+    os.kill(keeper.pid, signal.SIGKILL)
+    psutil.Process(keeper.pid).wait(5)  # its end of the control socket is closed
+    assert keeper.register(transport) is None
+    assert keeper.register(transport) is None
+    gone = [r for r in caplog.records if "the keeper is gone" in r.getMessage()]
+    assert len(gone) == 1 and gone[0].levelname == "ERROR"
+    assert live_keeper.reasons == ["keeper_gone", "keeper_gone"]  # every connection since
 
 
 def test_the_replicas_metrics_count_connections_that_go_without() -> None:
@@ -374,25 +391,15 @@ def test_a_head_request_is_never_answered_with_a_body() -> None:
 
 
 def test_a_transient_send_error_is_not_taken_for_a_dead_keeper(
-    monkeypatch: pytest.MonkeyPatch,
+    live_keeper: LiveKeeper, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server, client = socket.socketpair()
-    transport = cast(asyncio.Transport, _Transport(server))
-    keeper = LastWords()
-    reasons: list[str] = []
-    keeper.on_unprotected = reasons.append
-    keeper.start()
-    try:
+    keeper, transport = live_keeper.keeper, live_keeper.transport
 
-        def short_of_buffers(*args: object) -> int:
-            raise OSError(errno.ENOBUFS, "No buffer space available")
+    def short_of_buffers(*args: object) -> int:
+        raise OSError(errno.ENOBUFS, "No buffer space available")
 
-        with monkeypatch.context() as m:
-            m.setattr(socket, "send_fds", short_of_buffers)
-            assert keeper.register(transport) is None
-        assert reasons == ["keeper_busy"]
-        assert keeper.register(transport) is not None  # the keeper still takes the next
-    finally:
-        keeper.close()
-        server.close()
-        client.close()
+    with monkeypatch.context() as m:
+        m.setattr(socket, "send_fds", short_of_buffers)
+        assert keeper.register(transport) is None
+    assert live_keeper.reasons == ["keeper_busy"]
+    assert keeper.register(transport) is not None  # the keeper still takes the next

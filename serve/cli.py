@@ -111,28 +111,29 @@ def up_settings(ns: argparse.Namespace, base: Settings) -> tuple[Settings, str |
     return Settings.model_validate(settings.model_dump()), token
 
 
+def _healthy(url: str, timeout_s: float) -> bool:
+    """Whether `url` answers 200 within `timeout_s` (anything else, an error included: no)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            return bool(resp.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 def _watch_serving(url: str, serving: threading.Event, done: threading.Event) -> None:
     """Set `serving` once `url` answers 200, polling until then or until `done`."""
     while not done.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    serving.set()
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
+        if _healthy(url, 1):
+            serving.set()
+            return
         done.wait(0.25)
 
 
 def _wait_ready(url: str, timeout_s: float, stop: threading.Event) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and not stop.is_set():
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status == 200:
-                    return True
-        except (urllib.error.URLError, OSError):
-            pass
+        if _healthy(url, 5):
+            return True
         stop.wait(1.0)
     return False
 

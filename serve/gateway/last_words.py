@@ -288,15 +288,17 @@ class LastWordsMarks:
             return
         events = _EVENT_STATES[dialect_of(scope["path"])]
         boundary = State.BUSY  # what this response's boundaries allow the keeper
+        answered = False
         me = object()  # this request, as the slot's owner
 
         async def marked(message: Message) -> None:
-            nonlocal boundary
+            nonlocal boundary, answered
             if message["type"] == "http.response.start":
                 boundary = events if _chunked_events(scope, message) else State.BUSY
             slot.mark(me, State.BUSY)
             await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body"):
+                answered = True
                 slot.mark(me, State.IDLE)
             elif slot.flushed():
                 slot.mark(me, boundary)
@@ -307,8 +309,8 @@ class LastWordsMarks:
         slot.claim(me, State.FRESH if fresh else State.BUSY)
         try:
             await self.app(scope, receive, marked)
-        finally:
-            slot.mark(me, State.IDLE)
+        finally:  # unanswered, the server writes its 500 or closes: the keeper adds nothing
+            slot.mark(me, State.IDLE if answered else State.BUSY)
 
 
 def _chunked_events(scope: Scope, start: Message) -> bool:

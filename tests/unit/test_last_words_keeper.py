@@ -13,10 +13,12 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import psutil
@@ -104,15 +106,136 @@ def test_each_connection_gets_what_its_state_allows(keeper_run: Run) -> None:
         State.BUSY: b"",
     }
     clients = {state: keeper_run.connection(int(state), state) for state in expected}
-    clients[State.IDLE].sendall(b"GET / HTTP/1.1\r\n")  # unread bytes: still a clean end
+    # Between requests, with a request the dead server never read: it gets the 502.
+    asked = keeper_run.connection(7, State.IDLE)
+    asked.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    clients[State.BUSY].sendall(b"GET / HTTP/1.1\r\n")  # pipelined behind a write: closed
     keeper_run.parent.kill()
-    assert keeper_run.finish().endswith("answered 3 of its 5 open connections")
+    assert keeper_run.finish().endswith("answered 4 of its 6 open connections")
     for state, client in clients.items():
         assert read_all(client) == expected[state], state
+    assert read_all(asked) == fresh
     assert fresh.startswith(b"HTTP/1.1 502 Bad Gateway\r\n")
     assert b'"code":3008' in fresh and b"Retry-After: 1\r\n" in fresh
     assert b'"errors":[{"code":3008' in workers_ai and workers_ai.endswith(b"data: [DONE]\n\n")
     assert b'{"error":{' in openai and openai.endswith(b"data: [DONE]\n\n")
+
+
+def test_it_answers_once_the_parents_threads_are_doomed_not_when_the_process_ends(
+    keeper_run: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A killed replica's process ends (pidfd, files closed) only after its last thread
+    freed its memory: seconds on a busy machine. The keeper answers once `dying` says no
+    thread will run the program again, the process still there."""
+    looked_at: list[int] = []
+    doomed = threading.Event()
+
+    def dying(parent: int, proc: str = "/proc") -> bool:
+        looked_at.append(parent)
+        return doomed.is_set()
+
+    monkeypatch.setattr(last_words_keeper, "dying", dying)
+    client = keeper_run.connection(1, State.FRESH)
+    time.sleep(3 * last_words_keeper.WATCH_S)
+    assert looked_at and set(looked_at) == {keeper_run.parent.pid}
+    assert keeper_run.thread.is_alive()  # alive and well: nothing written
+    doomed.set()
+    assert keeper_run.finish().endswith("answered 1 of its 1 open connections")
+    assert keeper_run.parent.poll() is None  # answered before the process ended
+    assert read_all(client).startswith(b"HTTP/1.1 502")
+
+
+def _proc(root: Path, pid: int, tasks: dict[int, tuple[str, int, int]]) -> str:
+    """A /proc of one process: its tasks' state letter, flags and pending signals (the
+    leader is the task whose id is `pid`)."""
+    for tid, (state, flags, pending) in tasks.items():
+        stat = f"{tid} (ray::Serve Replica) {state} 1 1 1 0 -1 {flags} 0 0 0 0 1 2 3 4\n"
+        for at in ([root / str(pid)] if tid == pid else []) + [root / str(pid) / "task" / str(tid)]:
+            at.mkdir(parents=True, exist_ok=True)
+            (at / "stat").write_text(stat)
+            (at / "status").write_text(
+                f"Name:\tx\nState:\t{state}\nSigPnd:\t{pending:016x}\nShdPnd:\t{0:016x}\n"
+            )
+    return str(root)
+
+
+KILL = 1 << (signal.SIGKILL - 1)
+EXITING = last_words_keeper.PF_EXITING
+
+
+@pytest.mark.parametrize(
+    ("tasks", "doomed"),
+    [
+        ({7: ("S", 0x400040, 0), 8: ("R", 0x40, 0)}, False),  # alive
+        ({7: ("Z", EXITING, 0), 8: ("R", 0x40, KILL), 9: ("D", EXITING, 0)}, True),  # killed
+        ({7: ("Z", EXITING, 0), 8: ("S", 0x40, 0)}, False),  # main thread left, others run
+        ({7: ("R", EXITING, 0)}, True),  # the last thread frees the memory
+        ({7: ("S", 0x40, KILL), 8: ("R", 0x40, KILL)}, False),  # main thread not out yet
+    ],
+)
+def test_dying_reads_every_thread(
+    tmp_path: Path, tasks: dict[int, tuple[str, int, int]], doomed: bool
+) -> None:
+    assert last_words_keeper.dying(7, _proc(tmp_path, 7, tasks)) is doomed
+
+
+def test_dying_on_real_processes() -> None:
+    assert not last_words_keeper.dying(os.getpid())  # this one, with threads
+    child = subprocess.Popen(["sleep", "60"])
+    assert not last_words_keeper.dying(child.pid)
+    child.kill()
+    child.wait()
+    assert not last_words_keeper.dying(child.pid)  # gone from /proc: the pidfd tells
+
+
+_REPLICA = """
+import subprocess, time
+from serve.gateway.last_words import LastWords
+engine = subprocess.Popen(["sleep", "60"])  # the engine's processes, in the replica's group
+keeper = LastWords(slots=4)
+assert keeper.start()
+print(engine.pid, keeper.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _ended(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("own_group", [True, False])
+def test_the_dead_replicas_own_process_group_is_ended_after_its_last_words(
+    own_group: bool,
+) -> None:
+    """vLLM's EngineCore does not watch its parent: the keeper ends the dead replica's
+    process group, where the replica leads one of its own (Ray's per-worker groups), having
+    left it first (Ray's own end of the group must not cut its answers short). A replica
+    in someone else's group (here: pytest's) has its group left alone."""
+    replica = subprocess.Popen(
+        [sys.executable, "-c", _REPLICA], stdout=subprocess.PIPE, text=True,
+        start_new_session=own_group,
+    )  # fmt: skip
+    assert replica.stdout is not None
+    engine, keeper = (int(pid) for pid in replica.stdout.readline().split())
+    try:
+        deadline = time.monotonic() + 10
+        while os.getpgid(keeper) != keeper:  # it left the replica's group
+            assert time.monotonic() < deadline, "the keeper stayed in the replica's group"
+            time.sleep(0.02)
+        replica.kill()
+        replica.wait()
+        deadline = time.monotonic() + 10
+        while not _ended(keeper):
+            assert time.monotonic() < deadline, "the keeper did not leave"
+            time.sleep(0.05)
+        assert _ended(engine) is own_group
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(engine, signal.SIGKILL)
+        replica.stdout.close()
 
 
 def test_a_released_slot_is_not_answered(keeper_run: Run) -> None:
@@ -373,6 +496,34 @@ def test_a_released_connections_requests_no_longer_write_its_byte() -> None:
         go_on.set()
         await old
         assert states[1] == State.FRESH
+
+    asyncio.run(scenario())
+
+
+def test_a_request_that_ended_unanswered_leaves_the_connection_to_the_server() -> None:
+    """An app that failed after a partial body: the server closes the connection (or
+    writes its 500 if nothing was sent); the keeper must add nothing, even with a
+    pipelined request unread behind it."""
+    states = mmap.mmap(-1, 16)
+    slot = _slot(states)
+
+    async def scenario() -> None:
+        async def fails_midway(scope: object, receive: object, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+            raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            await cast(Any, _request(slot, fails_midway))
+        assert states[1] == State.BUSY
+
+        async def answers(scope: object, receive: object, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        await cast(Any, _request(slot, answers))
+        assert states[1] == State.IDLE
 
     asyncio.run(scenario())
 

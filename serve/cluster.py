@@ -7,7 +7,6 @@ chart's serveConfigV2 all go through `build_application`.
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -290,22 +289,12 @@ class LocalCluster:
         import ray
         from ray import serve as rayserve
 
-        # Ray's daemons (GCS, raylet, their agents) start in this process group, and a
-        # SIGTERM to the whole group (`timeout`, `kill -- -PGID`, `tini -g`) killed them at
-        # once: the drain that follows then hung 60 s on the gone GCS and left HAProxy
-        # running. They start with SIGTERM blocked, as Ray starts them with SIGINT blocked
-        # for a terminal's Ctrl-C; `ray.shutdown` ends them all the same, with SIGKILL after
-        # its 1 s wait for each (a stop takes about 4.6 s longer, RELIABILITY.md).
-        unblocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        try:
-            ray.init(
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-                log_to_driver=True,
-                _metrics_export_port=metrics_export_port(self.settings.ray_metrics_export_port),
-            )
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, unblocked)
+        ray.init(
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            _metrics_export_port=metrics_export_port(self.settings.ray_metrics_export_port),
+        )
         after_ray_init()
         rayserve.start(http_options={"host": self.settings.host, "port": self.settings.port})
         rayserve.run(

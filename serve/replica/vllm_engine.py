@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import os
-import signal
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -89,10 +88,6 @@ class VllmEngine:
             spec.name,
             spec.described_weights,
         )
-        # vLLM stops its engine's processes with SIGTERM (SIGKILL 5 s later); they inherit
-        # this thread's signal mask, in which `batchserve up` has SIGTERM blocked (its Ray
-        # daemons start so, serve/cluster.py, and Ray's workers inherit it).
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         self._llm = AsyncLLM.from_engine_args(engine_args)
         self._tokenizer: Any = self._llm.get_tokenizer()
         # One thread: Hugging Face's fast tokenizers are not safe to call from several

@@ -98,14 +98,12 @@ def running_cluster(
     replicas: int = 2,
     env: Mapping[str, str] | None = None,
     port_span: int | None = None,
-    own_group: bool = False,
 ) -> Iterator[Cluster]:
     """`batchserve up` on the tiny checkpoint, healthy on every replica; stopped with
     Ctrl-C on exit, failing if that leaves any of its processes running.
 
     `env` adds to (or overrides) the environment; `port_span` widens the range of
-    direct-ingress ports Serve may give replicas (room for replacements); `own_group`
-    starts it in a session of its own, as a shell starts a job (signals to the group).
+    direct-ingress ports Serve may give replicas (room for replacements).
     """
     span = port_span or replicas + 1
     # Serve's port, then the replicas' range after it (see tests.ports.QUIET_PORTS).
@@ -136,9 +134,7 @@ def running_cluster(
            "--model", str(model_dir), "--replicas", str(replicas),
            "--tenants-file", str(tenants_file)]  # fmt: skip
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=own_group
-        )
+        proc = subprocess.Popen(cmd, env=full_env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     replica_urls = tuple(f"http://127.0.0.1:{base + i}" for i in range(replicas))
     deadline = time.monotonic() + START_TIMEOUT_S

@@ -5,11 +5,6 @@ error event, soft-stops HAProxy, then stops everything it started.
 
 Before, Ray's own SIGTERM handler (installed by `ray.init`) killed the process at once:
 every stream through HAProxy broke within 0.1 s, with no error event.
-
-The signal goes to the whole process group, as `timeout`, `kill -- -PGID` or `tini -g`
-send it, so Ray's daemons get it too. Before they started with SIGTERM blocked
-(serve/cluster.py), the GCS died at once: `up` then hung 60 s on it, exited, and left
-HAProxy running.
 """
 
 from __future__ import annotations
@@ -63,7 +58,7 @@ async def sigterm_under_streams(cluster: Cluster) -> Stopped:
         short = asyncio.create_task(stream(http, url, {"prompt": "Count to 5.", "max_tokens": 32}))
         await asyncio.sleep(0.1)
         t0 = time.monotonic()
-        os.killpg(cluster.pid, signal.SIGTERM)  # `up` leads its group
+        os.kill(cluster.pid, signal.SIGTERM)
         out = Stopped(long=Stream(), short=Stream())
         while not _gone(cluster.pid) and time.monotonic() - t0 < EXIT_WITHIN_S:
             at = round(time.monotonic() - t0, 2)
@@ -87,7 +82,7 @@ def test_sigterm_drains_the_replicas_then_stops(
 ) -> None:
     env = {"BATCHSERVE_GRACEFUL_SHUTDOWN_TIMEOUT_S": str(GRACEFUL_SHUTDOWN_S)}
     work = tmp_path_factory.mktemp("shutdown")
-    with running_cluster(tiny_qwen2_dir, work, replicas=1, env=env, own_group=True) as cluster:
+    with running_cluster(tiny_qwen2_dir, work, replicas=1, env=env) as cluster:
         tree = psutil.Process(cluster.pid).children(recursive=True)
         stopped = asyncio.run(sigterm_under_streams(cluster))
         log = cluster.log.read_text(errors="replace")

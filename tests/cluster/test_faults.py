@@ -30,6 +30,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.conftest import ACCOUNT, MODEL, TOKEN, Cluster, replica_actors, running_cluster
+from tests.sse_client import data_fields
 
 pytestmark = pytest.mark.cluster
 
@@ -262,10 +263,7 @@ async def request(http: httpx.AsyncClient, url: str, body: dict[str, Any], out: 
             out.request_id = r.headers.get("cf-ai-req-id")
             out.content_type = r.headers.get("content-type")
             if out.stream and r.status_code == 200:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: "):
-                        continue  # blank separators, `:` heartbeats
-                    data = line.removeprefix("data: ")
+                async for data in data_fields(r):
                     if data == "[DONE]":
                         out.done = True
                         continue

@@ -43,6 +43,7 @@ from loadtest.schedule import Arrival, ClosedLoop, open_loop
 from loadtest.targets import Dialect, Target
 from loadtest.workloads import LengthDist, WordTokenizer, synthetic
 from tests.cluster.conftest import ACCOUNT, MODEL, TENANTS, TOKEN, Cluster, running_cluster
+from tests.sse_client import data_fields
 
 pytestmark = pytest.mark.cluster
 
@@ -424,10 +425,7 @@ async def stream(http: httpx.AsyncClient, url: str, body: dict[str, Any]) -> Str
             if r.status_code != 200:
                 out.error = (await r.aread()).decode(errors="replace")[:200]
                 return out
-            async for line in r.aiter_lines():
-                data = line.removeprefix("data: ")
-                if data == line:
-                    continue
+            async for data in data_fields(r):
                 if data == "[DONE]":
                     out.done = True
                 elif "errors" in json.loads(data):

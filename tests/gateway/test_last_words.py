@@ -29,6 +29,7 @@ import pytest
 from serve.tenants_cli import add_token
 from tests import gateway_process
 from tests.ports import free_port
+from tests.sse_client import data_fields
 
 pytestmark = pytest.mark.slow
 MODEL = "@cf/qwen/qwen1.5-1.8b-chat"
@@ -93,10 +94,7 @@ async def send(client: httpx.AsyncClient, url: str, body: dict[str, Any], seen: 
         async with client.stream("POST", url, json=body) as r:
             seen.status, seen.headers = r.status_code, r.headers
             if seen.stream and r.status_code == 200:
-                async for line in r.aiter_lines():
-                    data = line.removeprefix("data: ")
-                    if data == line:
-                        continue
+                async for data in data_fields(r):
                     if data == "[DONE]":
                         seen.done = True
                     elif "error" in (event := json.loads(data)) or event.get("errors"):
